@@ -1,0 +1,245 @@
+// pybind11 bindings for the pymoe core: type conversion only. Long calls
+// (model loading, decoding) release the GIL.
+#include "pymoe.h"
+
+#include "ggml.h"
+#include "llama.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+
+namespace py = pybind11;
+
+namespace {
+
+py::object scalar_to_py(const pymoe::gguf_scalar & s) {
+    return std::visit([](const auto & v) -> py::object { return py::cast(v); }, s);
+}
+
+py::dict gguf_info_to_py(const pymoe::gguf_info & info) {
+    py::dict kv;
+    for (const auto & [key, v] : info.kv) {
+        if (v.type == "arr") {
+            if (v.arr.size() == v.arr_n) {
+                py::list items;
+                for (const auto & e : v.arr) {
+                    items.append(scalar_to_py(e));
+                }
+                kv[py::str(key)] = items;
+            } else {
+                kv[py::str(key)] = py::dict(py::arg("array_type") = v.arr_type, py::arg("length") = v.arr_n);
+            }
+        } else {
+            kv[py::str(key)] = scalar_to_py(v.scalar);
+        }
+    }
+    py::list tensors;
+    for (const auto & t : info.tensors) {
+        tensors.append(py::dict(py::arg("name") = t.name, py::arg("type") = t.type, py::arg("type_id") = t.type_id,
+                                py::arg("shape") = py::tuple(py::cast(t.shape)), py::arg("nbytes") = t.nbytes,
+                                py::arg("offset") = t.offset));
+    }
+    return py::dict(py::arg("version") = info.version, py::arg("alignment") = info.alignment,
+                    py::arg("data_offset") = info.data_offset, py::arg("file_size") = info.file_size,
+                    py::arg("metadata") = kv, py::arg("tensors") = tensors);
+}
+
+// Owns the native model so that Python can free it deterministically
+// (close() / a with-block) instead of waiting for the garbage collector.
+class py_model {
+  public:
+    explicit py_model(const pymoe::model_params & p) {
+        py::gil_scoped_release release;
+        m_ = std::make_unique<pymoe::model>(p);
+    }
+
+    pymoe::model & get() {
+        if (!m_) {
+            throw std::invalid_argument("the model is closed; hint: load it again");
+        }
+        return *m_;
+    }
+
+    void close() { m_.reset(); }
+
+    bool closed() const { return !m_; }
+
+  private:
+    std::unique_ptr<pymoe::model> m_;
+};
+
+using i32_array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using i8_array  = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+py::array_t<int32_t> to_numpy(std::vector<int32_t> && v) {
+    auto * heap = new std::vector<int32_t>(std::move(v));
+    py::capsule owner(heap, [](void * p) { delete static_cast<std::vector<int32_t> *>(p); });
+    return py::array_t<int32_t>((py::ssize_t) heap->size(), heap->data(), owner);
+}
+
+py::array_t<float> decode(py_model & self, const i32_array & tokens, const i32_array & pos, const i32_array & seq,
+                          const i8_array & want) {
+    pymoe::model & m = self.get();
+    const py::ssize_t n = tokens.size();
+    if (tokens.ndim() != 1 || pos.size() != n || seq.size() != n || want.size() != n) {
+        throw std::invalid_argument("decode: tokens, pos, seq and want must be 1-D arrays of the same length");
+    }
+    py::ssize_t n_want = 0;
+    for (py::ssize_t i = 0; i < n; ++i) {
+        n_want += want.data()[i] != 0;
+    }
+    py::array_t<float> out({ n_want, (py::ssize_t) m.n_vocab() });
+    float * out_data = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        m.decode(tokens.data(), pos.data(), seq.data(), want.data(), (int32_t) n, out_data);
+    }
+    return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, mod) {
+    mod.doc() = "pymoe native core: llama.cpp (pinned, patched) and the pymoe engine";
+
+    llama_backend_init();
+    pymoe::log_set_level(GGML_LOG_LEVEL_NONE + 100);
+
+    mod.def("llama_commit", &pymoe::llama_commit, "The pinned upstream llama.cpp commit this build uses.");
+    mod.def("system_info", &pymoe::system_info, "llama.cpp's CPU/backend feature line.");
+    mod.def("supports_gpu_offload", &llama_supports_gpu_offload);
+    mod.def("set_log_level", &pymoe::log_set_level, py::arg("min_level"),
+            "Forward llama.cpp/ggml log lines of at least this level to stderr (1 debug, 2 info, 3 warn, 4 error; "
+            "a larger value silences them).");
+    mod.def("get_log_level", &pymoe::log_get_level);
+    mod.def("take_log_errors", &pymoe::log_take_errors, "Error lines logged since the last call.");
+
+    mod.def(
+        "read_gguf",
+        [](const std::string & path, uint64_t max_array) {
+            pymoe::gguf_info info;
+            {
+                py::gil_scoped_release release;
+                info = pymoe::gguf_read_info(path, max_array);
+            }
+            return gguf_info_to_py(info);
+        },
+        py::arg("path"), py::arg("max_array") = 64,
+        "Reads a GGUF header (metadata and tensor table) without loading weights.");
+
+    py::class_<py_model>(mod, "Model")
+        .def(py::init([](const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, int32_t n_seq_max,
+                         int32_t n_threads, int32_t n_gpu_layers, bool use_mmap, bool flash_attn,
+                         const std::string & cache_type) {
+                 pymoe::model_params p;
+                 p.path         = path;
+                 p.n_ctx        = n_ctx;
+                 p.n_batch      = n_batch;
+                 p.n_ubatch     = n_ubatch;
+                 p.n_seq_max    = n_seq_max;
+                 p.n_threads    = n_threads;
+                 p.n_gpu_layers = n_gpu_layers;
+                 p.use_mmap     = use_mmap;
+                 p.flash_attn   = flash_attn;
+                 p.cache_type   = cache_type;
+                 return std::make_unique<py_model>(p);
+             }),
+             py::arg("path"), py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_ubatch") = 512,
+             py::arg("n_seq_max") = 1, py::arg("n_threads") = 0, py::arg("n_gpu_layers") = -1,
+             py::arg("use_mmap") = true, py::arg("flash_attn") = false, py::arg("cache_type") = "f16")
+        .def("close", &py_model::close)
+        .def_property_readonly("closed", &py_model::closed)
+        // vocab
+        .def(
+            "tokenize",
+            [](py_model & self, const std::string & text, bool add_special, bool parse_special) {
+                return to_numpy(self.get().tokenize(text, add_special, parse_special));
+            },
+            py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = false)
+        .def(
+            "detokenize",
+            [](py_model & self, const std::vector<int32_t> & tokens, bool remove_special, bool unparse_special) {
+                return py::bytes(self.get().detokenize(tokens, remove_special, unparse_special));
+            },
+            py::arg("tokens"), py::arg("remove_special") = false, py::arg("unparse_special") = false)
+        .def(
+            "token_to_piece",
+            [](py_model & self, int32_t token, bool special) {
+                return py::bytes(self.get().token_to_piece(token, special));
+            },
+            py::arg("token"), py::arg("special") = false)
+        .def("token_is_eog", [](py_model & self, int32_t t) { return self.get().token_is_eog(t); })
+        .def_property_readonly("token_bos", [](py_model & self) { return self.get().token_bos(); })
+        .def_property_readonly("token_eos", [](py_model & self) { return self.get().token_eos(); })
+        .def_property_readonly("add_bos", [](py_model & self) { return self.get().add_bos(); })
+        .def_property_readonly("n_vocab", [](py_model & self) { return self.get().n_vocab(); })
+        // decode
+        .def("decode", &decode, py::arg("tokens"), py::arg("pos"), py::arg("seq"), py::arg("want"),
+             "Evaluates a batch; returns the logits of the rows with want != 0 as float32 [n_wanted, n_vocab].")
+        .def("memory_truncate", [](py_model & self, int32_t seq, int32_t pos0) { self.get().memory_truncate(seq, pos0); },
+             py::arg("seq"), py::arg("pos0"))
+        .def("memory_clear", [](py_model & self) { self.get().memory_clear(); })
+        // chat template
+        .def("chat_template", [](py_model & self) { return self.get().chat_template(); })
+        .def(
+            "apply_chat_template",
+            [](py_model & self, const std::vector<std::pair<std::string, std::string>> & messages,
+               const std::string & tmpl, bool add_assistant) {
+                std::vector<pymoe::chat_message> msgs;
+                for (const auto & [role, content] : messages) {
+                    msgs.push_back({ role, content });
+                }
+                return self.get().apply_chat_template(tmpl, msgs, add_assistant);
+            },
+            py::arg("messages"), py::arg("template") = "", py::arg("add_assistant") = true)
+        // metadata
+        .def("metadata", [](py_model & self) { return self.get().metadata(); })
+        .def_property_readonly("description", [](py_model & self) { return self.get().description(); })
+        .def_property_readonly("n_ctx", [](py_model & self) { return self.get().n_ctx(); })
+        .def_property_readonly("n_ctx_train", [](py_model & self) { return self.get().n_ctx_train(); })
+        .def_property_readonly("n_batch", [](py_model & self) { return self.get().n_batch(); })
+        .def_property_readonly("n_seq_max", [](py_model & self) { return self.get().n_seq_max(); })
+        .def_property_readonly("n_layer", [](py_model & self) { return self.get().n_layer(); })
+        .def_property_readonly("n_embd", [](py_model & self) { return self.get().n_embd(); })
+        .def_property_readonly("size_bytes", [](py_model & self) { return self.get().size_bytes(); })
+        .def_property_readonly("n_params", [](py_model & self) { return self.get().n_params(); })
+        .def_property("n_threads", [](py_model & self) { return self.get().n_threads(); },
+                      [](py_model & self, int32_t n) { self.get().set_n_threads(n); });
+
+    py::class_<pymoe::sampler>(mod, "Sampler")
+        .def(py::init([](int32_t n_vocab, float temperature, int32_t top_k, float top_p, float min_p,
+                         float repeat_penalty, int32_t repeat_last_n, uint32_t seed) {
+                 pymoe::sampler_params p;
+                 p.temperature    = temperature;
+                 p.top_k          = top_k;
+                 p.top_p          = top_p;
+                 p.min_p          = min_p;
+                 p.repeat_penalty = repeat_penalty;
+                 p.repeat_last_n  = repeat_last_n;
+                 p.seed           = seed;
+                 return std::make_unique<pymoe::sampler>(p, n_vocab);
+             }),
+             py::arg("n_vocab"), py::arg("temperature") = 0.8f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
+             py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64,
+             py::arg("seed") = LLAMA_DEFAULT_SEED)
+        .def(
+            "sample", [](pymoe::sampler & self, py_model & m, int32_t idx) { return self.sample(m.get(), idx); },
+            py::arg("model"), py::arg("idx") = -1,
+            "Samples from output row `idx` of the model's last decode and records the token.")
+        .def(
+            "sample_logits",
+            [](pymoe::sampler & self, const f32_array & logits) {
+                if (logits.ndim() != 1) {
+                    throw std::invalid_argument("sample_logits: expected a 1-D float32 array");
+                }
+                return self.sample_logits(logits.data(), (int32_t) logits.size());
+            },
+            py::arg("logits"))
+        .def("accept", &pymoe::sampler::accept, py::arg("token"))
+        .def("reset", &pymoe::sampler::reset);
+}

@@ -1,0 +1,93 @@
+"""`pymoe chat`: an interactive, streaming chat in the terminal.
+
+Commands: /reset forgets the conversation, /stats shows counters, /exit
+leaves (so do Ctrl-D and Ctrl-C at the prompt). Ctrl-C while the model
+answers stops that answer, not the program."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+from ._args import add_model_args, add_sampling_args, load_model, sampling_from_args
+from .conversation import Conversation
+
+HELP = "commands: /reset (new conversation), /stats (counters), /exit (leave); Ctrl-C stops an answer"
+
+
+def setup_arg_parser(
+    parser: argparse.ArgumentParser | None = None, *, model_optional: bool = True
+) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="pymoe chat")
+    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
+    add_model_args(parser, model_optional=model_optional)
+    add_sampling_args(parser, temp=0.7)
+    parser.add_argument(
+        "-n", "--max-tokens", type=int, default=512, metavar="N", help="longest answer in tokens (default: %(default)s)"
+    )
+    parser.add_argument("-s", "--system", default=None, metavar="TEXT", help="system prompt")
+    parser.add_argument("--stats", action="store_true", help="print speed and token counts after each answer")
+    return parser
+
+
+def _print_stats(stats: dict) -> None:
+    print(json.dumps(stats, indent=2, default=str), file=sys.stderr)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.model is None:
+        from .demo import demo_model_path
+
+        args.model = str(demo_model_path(progress=True))
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be >= 1")
+    sampling = sampling_from_args(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    with load_model(args) as model:
+        conv = Conversation(model, system=args.system, max_tokens=args.max_tokens, **sampling)
+        name = model.summary.name or model.path.name
+        print(f"pymoe chat: {name} ({model.summary.expert_note()}). {HELP}", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                cmd = text.split()[0].lower()
+                if cmd in ("/exit", "/quit", "/bye"):
+                    break
+                if cmd == "/reset":
+                    conv.reset()
+                    print("[conversation cleared]", file=sys.stderr)
+                elif cmd == "/stats":
+                    _print_stats(model.stats())
+                elif cmd == "/help":
+                    print(HELP, file=sys.stderr)
+                else:
+                    print(f"unknown command {cmd}; {HELP}", file=sys.stderr)
+                continue
+            dropped = conv.dropped_turns
+            try:
+                for piece in conv.send(text):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                print()
+            except KeyboardInterrupt:
+                print("\n[answer stopped]", file=sys.stderr)
+            except ValueError as e:  # e.g. a message longer than the context
+                print(f"\n[{e}]", file=sys.stderr)
+                continue
+            if conv.dropped_turns > dropped:
+                print(f"[context full: dropped the {conv.dropped_turns - dropped} oldest turn(s)]", file=sys.stderr)
+            if args.stats:
+                _print_stats(model.last_stats.as_dict())
+    return 0

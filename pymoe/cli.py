@@ -1,0 +1,92 @@
+"""The `pymoe` command: dispatches to one module per verb, imported lazily so
+that `pymoe --help` and `pymoe info` start fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from typing import NoReturn
+
+# verb -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "chat": ("pymoe.chat", "chat with a model in the terminal (the demo model when none is given)"),
+    "generate": ("pymoe.generate", "continue a prompt and print the text"),
+    "info": ("pymoe.info", "architecture, experts and bytes by quant type of a GGUF file"),
+    "eval": ("pymoe.evaluate", "teacher-forced logits of a text or of token ids, saved as .npy"),
+    "perplexity": ("pymoe.perplexity", "perplexity of a model on a text file"),
+    "demo": ("pymoe.demo", "chat with the built-in demo MoE (SmolLM2-135M upcycled)"),
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = ArgumentParser(
+        prog="pymoe",
+        description="Run Mixture-of-Experts GGUF models with llama.cpp.",
+        epilog="Run `pymoe COMMAND --help` for the options of a command. Without a command, "
+        "`pymoe` chats with the demo model.",
+    )
+    parser.add_argument("--version", action="version", version=f"pymoe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def _verb_parser(name: str) -> argparse.ArgumentParser:
+    module, help_text = COMMANDS[name]
+    mod = importlib.import_module(module)
+    parser = ArgumentParser(prog=f"pymoe {name}", description=help_text)
+    mod.setup_arg_parser(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    if not argv:
+        argv = ["demo"]
+    if argv[0] in ("-h", "--help", "--version") or argv[0] not in COMMANDS:
+        # argparse prints help/version, or "invalid choice" with the list, and exits
+        top.parse_args(argv)
+        return 2
+    name = argv[0]
+    parser = _verb_parser(name)
+    args = parser.parse_args(argv[1:])
+    verbose = bool(getattr(args, "verbose", False)) or os.environ.get("PYMOE_DEBUG") == "1"
+    mod = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(mod.main(args) or 0)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # e.g. `pymoe generate ... | head`: the reader went away
+        sys.stderr.close()
+        return 0
+    except (CliError, OSError, ValueError, RuntimeError, ImportError) as e:
+        if verbose:
+            traceback.print_exc()
+        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"pymoe {name}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,508 @@
+"""`pymoe.Model`: load a GGUF model and generate, chat, score.
+
+The library never prints and never parses argv; the CLI modules do that.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .gguf_info import GGUFSummary, check_gguf_path, summarize
+
+Message = dict[str, str]
+Tokens = Sequence[int] | np.ndarray  # token ids: a list or a 1-D integer array
+
+
+@dataclass
+class SamplingParams:
+    """llama.cpp's sampler chain settings; ``temperature <= 0`` is greedy (deterministic)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def make(self, n_vocab: int) -> _core.Sampler:
+        seed = self.seed if self.seed is not None else random.randrange(0, 2**32 - 1)
+        return _core.Sampler(
+            n_vocab,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            repeat_last_n=self.repeat_last_n,
+            seed=seed,
+        )
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of the last generate/chat call."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    finish_reason: str = ""  # "stop" (end of generation or a stop string), "length", "interrupted"
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        evaluated = self.prompt_tokens - self.cached_tokens
+        return evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generate_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prompt_seconds": self.prompt_seconds,
+            "generate_seconds": self.generate_seconds,
+            "prompt_tokens_per_second": self.prompt_tokens_per_second,
+            "generate_tokens_per_second": self.generate_tokens_per_second,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass
+class _Totals:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    calls: int = 0
+    last: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Model:
+    """A GGUF model loaded by llama.cpp.
+
+    >>> with Model("model.gguf") as m:
+    ...     print(m.generate("The capital of France is", max_tokens=8, temperature=0))
+
+    Parameters
+    ----------
+    path: the .gguf file.
+    n_ctx: context length in tokens; 0 picks min(trained context, 4096).
+    n_batch: tokens per decode call (prompt processing chunk).
+    n_threads: CPU threads; 0 uses every hardware thread.
+    n_gpu_layers: layers on the GPU when built with one (-1: all).
+    use_mmap: map the file instead of reading it into memory.
+    flash_attn: use flash attention.
+    cache_type: KV cache element type ("f16", "f32", "q8_0" ...).
+    verbose: let llama.cpp log to stderr.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        n_ctx: int = 0,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: int = 0,
+        n_gpu_layers: int = -1,
+        use_mmap: bool = True,
+        flash_attn: bool = False,
+        cache_type: str = "f16",
+        verbose: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        check_gguf_path(self.path)
+        _core.set_log_level(2 if verbose else 100)
+        self._native = _core.Model(
+            str(self.path),
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            use_mmap=use_mmap,
+            flash_attn=flash_attn,
+            cache_type=cache_type,
+        )
+        self._lock = threading.RLock()
+        self._past: list[int] = []  # tokens whose KV cache sequence 0 holds, in order
+        self._totals = _Totals()
+        self._summary: GGUFSummary | None = None
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Frees the model and its context; later calls raise ValueError."""
+        with self._lock:
+            self._native.close()
+            self._past = []
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._native.closed)
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"n_ctx={self.n_ctx}"
+        return f"Model({str(self.path)!r}, {state})"
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self._native.n_ctx)
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self._native.n_vocab)
+
+    @property
+    def n_layer(self) -> int:
+        return int(self._native.n_layer)
+
+    @property
+    def n_embd(self) -> int:
+        return int(self._native.n_embd)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The GGUF metadata as llama.cpp reports it (values as strings)."""
+        return dict(self._native.metadata())
+
+    @property
+    def summary(self) -> GGUFSummary:
+        """Tensor table and expert layout of the file (see `pymoe.gguf_info`)."""
+        if self._summary is None:
+            self._summary = summarize(self.path)
+        return self._summary
+
+    def info(self) -> dict[str, Any]:
+        """Architecture, sizes, expert layout and bytes by quant type."""
+        s = self.summary.as_dict()
+        s.update(
+            {
+                "description": self._native.description,
+                "n_ctx": self.n_ctx,
+                "n_ctx_train": int(self._native.n_ctx_train),
+                "n_params": int(self._native.n_params),
+                "n_threads": int(self._native.n_threads),
+                "llama_cpp_commit": _core.llama_commit(),
+            }
+        )
+        return s
+
+    # ------------------------------------------------------------------ tokens
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Text to token ids. ``add_bos`` adds BOS when the model wants one;
+        ``special`` parses control tokens such as ``<|im_start|>``."""
+        return self._native.tokenize(text, add_special=add_bos, parse_special=special).tolist()
+
+    def detokenize(self, tokens: Tokens, *, special: bool = False) -> str:
+        data = self._native.detokenize(list(tokens), remove_special=False, unparse_special=special)
+        return data.decode("utf-8", errors="replace")
+
+    def token_to_bytes(self, token: int, *, special: bool = False) -> bytes:
+        return bytes(self._native.token_to_piece(int(token), special=special))
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._native.token_is_eog(int(token)))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def reset(self) -> None:
+        """Forgets the cached conversation (the KV cache)."""
+        with self._lock:
+            self._native.memory_clear()
+            self._past = []
+
+    def _check_tokens(self, tokens: Tokens) -> np.ndarray:
+        arr = np.asarray(tokens, dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError("tokens must be a flat sequence of token ids")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.n_vocab):
+            bad = int(arr[(arr < 0) | (arr >= self.n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside this model's vocabulary of {self.n_vocab} tokens")
+        return arr.astype(np.int32)
+
+    def _decode(self, tokens: np.ndarray, start: int, want_all: bool) -> np.ndarray:
+        n = len(tokens)
+        pos = np.arange(start, start + n, dtype=np.int32)
+        seq = np.zeros(n, dtype=np.int32)
+        want = np.ones(n, dtype=np.int8) if want_all else np.zeros(n, dtype=np.int8)
+        if not want_all:
+            want[-1] = 1
+        return self._native.decode(tokens, pos, seq, want)
+
+    def _feed(self, tokens: Tokens) -> tuple[np.ndarray, int]:
+        """Makes the KV cache hold exactly `tokens`, reusing the longest cached
+        prefix, and returns the logits after the last token and the number of
+        reused tokens."""
+        arr = self._check_tokens(tokens)
+        if len(arr) == 0:
+            raise ValueError("the prompt is empty")
+        if len(arr) > self.n_ctx:
+            raise ValueError(
+                f"the prompt has {len(arr)} tokens but the context holds {self.n_ctx}; "
+                "hint: shorten it or load the model with a larger n_ctx"
+            )
+        common = 0
+        limit = min(len(self._past), len(arr) - 1)  # re-evaluate at least one token for its logits
+        while common < limit and self._past[common] == arr[common]:
+            common += 1
+        # drop what the cache holds beyond the common prefix; also repairs a
+        # cache left longer than self._past by an interrupted call
+        self._native.memory_truncate(0, common)
+        self._past = self._past[:common]
+        logits = self._decode(arr[common:], common, want_all=False)
+        self._past = [int(t) for t in arr]
+        return logits[0], common
+
+    def next_token_logits(self, tokens: Tokens) -> np.ndarray:
+        """Logits ``[n_vocab]`` of the token after `tokens`, reusing the KV
+        cache of the longest prefix shared with the previous call."""
+        with self._lock:
+            return self._feed(tokens)[0].copy()
+
+    def logits(self, tokens: Tokens) -> np.ndarray:
+        """Teacher-forced logits for every position: float32 ``[len(tokens), n_vocab]``.
+
+        Row i is the distribution over the token after ``tokens[: i + 1]``. The
+        tokens are used exactly as given (no BOS is added)."""
+        with self._lock:
+            arr = self._check_tokens(tokens)
+            if len(arr) == 0:
+                return np.zeros((0, self.n_vocab), dtype=np.float32)
+            if len(arr) > self.n_ctx:
+                raise ValueError(
+                    f"{len(arr)} tokens do not fit the context of {self.n_ctx}; "
+                    "hint: load the model with a larger n_ctx"
+                )
+            self._native.memory_clear()
+            self._past = []
+            out = self._decode(arr, 0, want_all=True)
+            self._past = [int(t) for t in arr]
+            return out
+
+    def perplexity(self, tokens: Tokens, *, n_ctx: int | None = None) -> PerplexityResult:
+        """Perplexity the way llama.cpp's `llama-perplexity` measures it: the
+        tokens are cut into chunks of `n_ctx`; each chunk is evaluated from an
+        empty cache and the second half of its positions is scored."""
+        ctx = int(n_ctx or min(self.n_ctx, 512))
+        if ctx > self.n_ctx or ctx < 2:
+            raise ValueError(f"n_ctx for perplexity must be in [2, {self.n_ctx}]")
+        arr = self._check_tokens(tokens)
+        n_chunks = len(arr) // ctx
+        if n_chunks == 0:
+            raise ValueError(f"need at least {ctx} tokens for one chunk of perplexity, got {len(arr)}")
+        bos = int(self._native.token_bos)
+        nll: list[float] = []
+        top1: list[int] = []
+        first = ctx // 2
+        for c in range(n_chunks):
+            chunk = arr[c * ctx : (c + 1) * ctx].copy()
+            target = chunk.copy()
+            if self._native.add_bos and bos >= 0:
+                chunk[0] = bos
+            logits = self.logits(chunk)
+            rows = logits[first - 1 : ctx - 1].astype(np.float64)
+            tgt = target[first:ctx]
+            m = rows.max(axis=1, keepdims=True)
+            logz = m[:, 0] + np.log(np.exp(rows - m).sum(axis=1))
+            nll.extend((logz - rows[np.arange(len(tgt)), tgt]).tolist())
+            top1.extend(rows.argmax(axis=1).tolist())
+        nll_arr = np.asarray(nll)
+        mean = float(nll_arr.mean())
+        err = float(nll_arr.std(ddof=1) / np.sqrt(len(nll_arr))) if len(nll_arr) > 1 else 0.0
+        return PerplexityResult(
+            perplexity=float(np.exp(mean)),
+            nll=mean,
+            nll_stderr=err,
+            n_tokens=len(nll_arr),
+            n_chunks=n_chunks,
+            n_ctx=ctx,
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        stream: bool = False,
+        add_bos: bool = True,
+        special: bool = False,
+    ) -> str | Iterator[str]:
+        """Continues `prompt` (text, or token ids used as given).
+
+        Returns the generated text, or with ``stream=True`` an iterator over
+        pieces of it as they are produced. ``temperature=0`` is greedy and
+        deterministic; otherwise ``seed`` makes sampling repeatable. Generation
+        ends at an end-of-generation token, a `stop` string (not included),
+        `max_tokens`, or a full context."""
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
+        if isinstance(prompt, str):
+            tokens = self.tokenize(prompt, add_bos=add_bos, special=special)
+        else:
+            tokens = [int(t) for t in prompt]
+        it = self._generate_tokens(tokens, max_tokens, sampling, list(stop))
+        return it if stream else "".join(it)
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        max_tokens: int = 512,
+        *,
+        stream: bool = False,
+        template: str | None = None,
+        **sampling: Any,
+    ) -> str | Iterator[str]:
+        """Answers the conversation `messages` (``[{"role": "user", "content": "..."}]``)
+        formatted with the model's chat template. Keyword arguments are those
+        of `generate` (temperature, top_k, ..., seed, stop)."""
+        prompt = self.format_chat(messages, template=template)
+        bos_text = self._bos_text()
+        add_bos = not (bos_text and prompt.startswith(bos_text))
+        return self.generate(prompt, max_tokens, stream=stream, add_bos=add_bos, special=True, **sampling)
+
+    def format_chat(
+        self, messages: Sequence[Message], *, template: str | None = None, add_assistant: bool = True
+    ) -> str:
+        """The prompt text for `messages` under the model's chat template
+        (llama.cpp's template engine; a Jinja rendering when llama.cpp does not
+        know the template)."""
+        from .chat_template import format_messages
+
+        return format_messages(self, messages, template=template, add_assistant=add_assistant)
+
+    def chat_template(self) -> str:
+        """The model's chat template text (empty when the file has none)."""
+        return str(self._native.chat_template())
+
+    def _bos_text(self) -> str:
+        bos = int(self._native.token_bos)
+        return self.token_to_bytes(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since load, and those of the last generate/chat call."""
+        t = self._totals
+        return {
+            "calls": t.calls,
+            "prompt_tokens": t.prompt_tokens,
+            "generated_tokens": t.generated_tokens,
+            "prompt_seconds": t.prompt_seconds,
+            "generate_seconds": t.generate_seconds,
+            "context_used": len(self._past),
+            "n_ctx": self.n_ctx,
+            "last": t.last.as_dict(),
+            "experts": self.summary.expert_note(),
+        }
+
+    def _generate_tokens(
+        self, tokens: list[int], max_tokens: int, sampling: SamplingParams, stop: list[str]
+    ) -> Iterator[str]:
+        if max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        stats = GenerationStats(prompt_tokens=len(tokens))
+        self._totals.last = stats
+        self._totals.calls += 1
+        with self._lock:
+            t0 = time.perf_counter()
+            logits_ready, cached = self._feed(tokens)
+            del logits_ready
+            stats.cached_tokens = cached
+            stats.prompt_seconds = time.perf_counter() - t0
+            self._totals.prompt_tokens += len(tokens) - cached
+            self._totals.prompt_seconds += stats.prompt_seconds
+            sampler = sampling.make(self.n_vocab)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            pending = ""  # text held back because it may be the start of a stop string
+            hold = max((len(s) for s in stop), default=0)
+            t1 = time.perf_counter()
+            stats.finish_reason = "length"
+            try:
+                for _ in range(max_tokens):
+                    tok = int(sampler.sample(self._native, -1))
+                    if self.is_end_of_generation(tok):
+                        stats.finish_reason = "stop"
+                        break
+                    stats.generated_tokens += 1
+                    pending += decoder.decode(self.token_to_bytes(tok))
+                    if stop:
+                        hit = min((i for i in (pending.find(s) for s in stop) if i >= 0), default=-1)
+                        if hit >= 0:
+                            if hit:
+                                yield pending[:hit]
+                            pending = ""
+                            stats.finish_reason = "stop"
+                            break
+                        safe = max(0, len(pending) - hold + 1)
+                        if safe:
+                            yield pending[:safe]
+                            pending = pending[safe:]
+                    elif pending:
+                        yield pending
+                        pending = ""
+                    if len(self._past) >= self.n_ctx:
+                        stats.finish_reason = "length"
+                        break
+                    self._decode(np.asarray([tok], dtype=np.int32), len(self._past), want_all=False)
+                    self._past.append(tok)
+                else:
+                    stats.finish_reason = "length"
+                tail = pending + decoder.decode(b"", final=True)
+                if tail:
+                    yield tail
+            except GeneratorExit:
+                stats.finish_reason = "interrupted"
+                raise
+            finally:
+                stats.generate_seconds = time.perf_counter() - t1
+                self._totals.generated_tokens += stats.generated_tokens
+                self._totals.generate_seconds += stats.generate_seconds
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        return self._totals.last
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    nll_stderr: float
+    n_tokens: int
+    n_chunks: int
+    n_ctx: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)

@@ -1,0 +1,203 @@
+"""The `pymoe` command line, driven as a user drives it: arguments, stdin,
+and a pseudo-terminal for the interactive chat."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import pexpect
+import pytest
+from conftest import run_pymoe
+
+
+def test_help_lists_the_commands():
+    proc = run_pymoe("--help")
+    assert proc.returncode == 0
+    for verb in ("chat", "generate", "info", "eval", "perplexity", "demo"):
+        assert verb in proc.stdout
+    sub = run_pymoe("generate", "--help")
+    assert sub.returncode == 0 and "--temp" in sub.stdout and "--seed" in sub.stdout
+
+
+def test_generate_greedy_is_deterministic(demo_gguf):
+    args = ("generate", str(demo_gguf), "-p", "The capital of France is", "-n", "16", "--temp", "0")
+    a, b = run_pymoe(*args), run_pymoe(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+    assert "Paris" in a.stdout
+
+
+def test_generate_seeded_sampling_repeats(demo_gguf):
+    args = ("generate", str(demo_gguf), "-p", "Once upon a time", "-n", "16", "--temp", "1", "--seed", "5")
+    a, b = run_pymoe(*args), run_pymoe(*args)
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_generate_reads_stdin_and_reports_stats(demo_gguf):
+    proc = run_pymoe(
+        "generate", str(demo_gguf), "-f", "-", "-n", "4", "--temp", "0", "--stats", input="The capital of France is"
+    )
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stderr[proc.stderr.index("{") :])
+    assert stats["prompt_tokens"] == 5 and stats["generated_tokens"] == 4
+
+
+def test_info_reports_experts_and_bytes(demo_gguf, dense_gguf):
+    proc = run_pymoe("info", str(demo_gguf), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["n_expert"] == 8 and info["n_expert_used"] == 2 and info["moe_layers"] == 30
+    assert info["expert_bytes"] + info["other_bytes"] <= info["file_size"]
+    assert info["bytes_by_type"]["q4_1"]["expert"] == info["expert_bytes"]
+    text = run_pymoe("info", str(demo_gguf)).stdout
+    assert "8 per layer, 2 used per token" in text and "q4_1" in text
+    dense = run_pymoe("info", str(dense_gguf))
+    assert dense.returncode == 0 and "no experts to offload" in dense.stdout
+
+
+def test_perplexity(demo_gguf, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("The cat sat on the mat. The dog sat on the rug. " * 30)
+    proc = run_pymoe("perplexity", str(demo_gguf), "-f", str(f), "--chunk", "128", "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["n_chunks"] >= 2 and 1.0 < res["perplexity"] < 20.0
+
+
+# --- bad input: one clear line on stderr, exit code != 0, no traceback
+
+
+def _bad_inputs(tmp_path, demo_gguf):
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello, I am not a model\n")
+    truncated = tmp_path / "truncated.gguf"
+    with open(demo_gguf, "rb") as src:
+        truncated.write_bytes(src.read(3_000_000))
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(b"GGUF\x03\x00\x00\x00")
+    return {
+        "missing": (["generate", str(tmp_path / "nope.gguf"), "-p", "x"], "does not exist"),
+        "directory": (["generate", str(tmp_path), "-p", "x"], "is a directory"),
+        "not gguf": (["generate", str(not_gguf), "-p", "x"], "not a GGUF file"),
+        "truncated": (["generate", str(truncated), "-p", "x"], "truncated"),
+        "header only": (["info", str(header_only)], "not a valid GGUF"),
+        "truncated info": (["info", str(truncated)], "truncated"),
+        "bad flag": (["generate", str(demo_gguf), "-p", "x", "--no-such-flag"], "unrecognized arguments"),
+        "bad number": (["generate", str(demo_gguf), "-p", "x", "-n", "many"], "invalid int value"),
+        "bad command": (["fly"], "invalid choice"),
+        "bad tokens": (
+            ["eval", str(demo_gguf), "--tokens", str(not_gguf), "--logits-out", str(tmp_path / "o.npy")],
+            "integer token ids",
+        ),
+        "bad cache type": (["generate", str(demo_gguf), "-p", "x", "--cache-type", "f99"], "unknown ggml type"),
+    }
+
+
+CASES = [
+    "missing",
+    "directory",
+    "not gguf",
+    "truncated",
+    "header only",
+    "truncated info",
+    "bad flag",
+    "bad number",
+    "bad command",
+    "bad tokens",
+    "bad cache type",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_clear_line(case, tmp_path, demo_gguf):
+    args, expected = _bad_inputs(tmp_path, demo_gguf)[case]
+    proc = run_pymoe(*args, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    assert expected in errors[0], proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    proc = run_pymoe("generate", str(tmp_path / "nope.gguf"), "-p", "x", "--verbose")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+
+
+# --- the interactive chat, in a pseudo-terminal
+
+
+def _spawn_chat(model, *extra):
+    env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1")
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "pymoe", "chat", str(model), "--temp", "0", *extra],
+        env=env,
+        encoding="utf-8",
+        timeout=120,
+    )
+    child.expect("commands:")
+    banner = child.before
+    child.expect("> ")
+    return child, banner
+
+
+def test_chat_session(demo_gguf):
+    child, banner = _spawn_chat(demo_gguf, "-n", "32")
+    assert "8 experts, 2 used per token" in banner
+    try:
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect("> ")
+        child.sendline("/stats")
+        child.expect('"generated_tokens"')
+        child.expect("> ")
+        child.sendline("/reset")
+        child.expect("conversation cleared")
+        child.expect("> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(demo_gguf):
+    child, _ = _spawn_chat(demo_gguf, "-n", "2000", "--ctx-size", "4096")
+    try:
+        child.sendline("Write a very long story about a dragon, with many chapters.")
+        child.expect(r"\w+ \w+ \w+")  # the answer is streaming
+        child.kill(signal.SIGINT)
+        child.expect("answer stopped")
+        child.expect("> ")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect("> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_with_a_dense_model_says_there_are_no_experts(dense_gguf):
+    child, banner = _spawn_chat(dense_gguf)
+    try:
+        assert "no experts to offload" in banner
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+
+
+def test_chat_reads_piped_stdin(demo_gguf):
+    proc = run_pymoe("chat", str(demo_gguf), "--temp", "0", "-n", "24", input="What is the capital of France?\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
