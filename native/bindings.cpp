@@ -132,6 +132,60 @@ PYBIND11_MODULE(_core, mod) {
         py::arg("path"), py::arg("max_array") = 64,
         "Reads a GGUF header (metadata and tensor table) without loading weights.");
 
+    // --- ggml types and quantisation
+    mod.def("quant_types", &pymoe::quant_type_names, "Types `quantize` accepts (no importance matrix needed).");
+    mod.def(
+        "type_info",
+        [](const std::string & name) {
+            const pymoe::type_info t = pymoe::ggml_type_describe(name);
+            return py::dict(py::arg("name") = t.name, py::arg("id") = t.id, py::arg("block_size") = t.block_size,
+                            py::arg("type_size") = t.type_size, py::arg("quantized") = t.quantized,
+                            py::arg("can_quantize") = t.can_quantize, py::arg("can_dequantize") = t.can_dequantize);
+        },
+        py::arg("name"));
+    mod.def("row_size", &pymoe::quant_row_size, py::arg("type"), py::arg("n_per_row"),
+            "Bytes of one row of n_per_row values in a ggml type.");
+    mod.def(
+        "quantize",
+        [](const f32_array & src, const std::string & type, int n_threads) {
+            if (src.ndim() != 2) {
+                throw std::invalid_argument("quantize: expected a 2-D float32 array [n_rows, n_per_row]");
+            }
+            const int64_t n_rows = src.shape(0), n_per_row = src.shape(1);
+            const auto    row    = (py::ssize_t) pymoe::quant_row_size(type, n_per_row);
+            py::array_t<uint8_t> out({ (py::ssize_t) n_rows, row });
+            uint8_t *            dst  = out.mutable_data();
+            const float *        data = src.data();
+            {
+                py::gil_scoped_release release;
+                pymoe::quantize_rows(type, data, n_rows, n_per_row, dst, n_threads);
+            }
+            return out;
+        },
+        py::arg("src"), py::arg("type"), py::arg("n_threads") = 0,
+        "float32 [n_rows, n_per_row] -> the ggml type's bytes, uint8 [n_rows, row_size].");
+    mod.def(
+        "dequantize",
+        [](const py::array_t<uint8_t, py::array::c_style | py::array::forcecast> & src, const std::string & type,
+           int64_t n_per_row, int n_threads) {
+            const auto row = (py::ssize_t) pymoe::quant_row_size(type, n_per_row);
+            if (row <= 0 || src.size() % row != 0) {
+                throw std::invalid_argument("dequantize: the data is not a whole number of " + type + " rows of " +
+                                            std::to_string(n_per_row) + " values");
+            }
+            const int64_t      n_rows = src.size() / row;
+            py::array_t<float> out({ (py::ssize_t) n_rows, (py::ssize_t) n_per_row });
+            float *            dst  = out.mutable_data();
+            const uint8_t *    data = src.data();
+            {
+                py::gil_scoped_release release;
+                pymoe::dequantize_rows(type, data, n_rows, n_per_row, dst, n_threads);
+            }
+            return out;
+        },
+        py::arg("src"), py::arg("type"), py::arg("n_per_row"), py::arg("n_threads") = 0,
+        "The bytes of whole rows of a ggml type -> float32 [n_rows, n_per_row].");
+
     py::class_<py_model>(mod, "Model")
         .def(py::init([](const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, int32_t n_seq_max,
                          int32_t n_threads, int32_t n_gpu_layers, bool use_mmap, bool flash_attn,

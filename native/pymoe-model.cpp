@@ -24,16 +24,6 @@ void model::llama_context_deleter::operator()(llama_context * c) const {
 
 namespace {
 
-ggml_type type_from_name(const std::string & name) {
-    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
-        const char * n = ggml_type_name((ggml_type) t);
-        if (n && name == n) {
-            return (ggml_type) t;
-        }
-    }
-    throw std::invalid_argument("unknown ggml type '" + name + "'; hint: use f32, f16, bf16, q8_0, q4_0 ...");
-}
-
 std::string with_reason(const std::string & what, const std::string & reason) {
     return reason.empty() ? what : what + ": " + reason;
 }
@@ -78,7 +68,7 @@ model::model(const model_params & params) : params_(params) {
     cp.n_threads_batch = n_threads;
     cp.flash_attn_type = params.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     cp.kv_unified      = true;  // sequences share the whole context
-    cp.type_k          = type_from_name(params.cache_type);
+    cp.type_k          = (ggml_type) ggml_type_from_name(params.cache_type);
     cp.type_v          = cp.type_k;
     cp.no_perf         = false;
 

@@ -5,6 +5,7 @@
 //   pymoe-gguf.cpp     reading a GGUF's metadata and tensor table without loading it
 //   pymoe-model.cpp    a loaded model and its context: vocab, decode, logits, chat template
 //   pymoe-sampler.cpp  llama.cpp's sampler chain
+//   pymoe-quant.cpp    ggml's quantisers and dequantisers over threads
 //
 // Errors are thrown as std::runtime_error / std::invalid_argument with a message
 // that names the object and ends with what the user can do ("hint: ...").
@@ -76,6 +77,34 @@ struct gguf_info {
 // Reads the header of a GGUF file. Throws std::runtime_error on a file that is
 // not a valid GGUF or whose tensor data lies beyond the end of the file.
 gguf_info gguf_read_info(const std::string & path, uint64_t max_array = 64);
+
+//
+// ggml types and quantisation
+//
+
+struct type_info {
+    std::string name;
+    int32_t     id;           // enum ggml_type
+    int64_t     block_size;   // values per block
+    uint64_t    type_size;    // bytes per block
+    bool        quantized;
+    bool        can_quantize; // quantize_rows accepts it (no importance matrix needed)
+    bool        can_dequantize;
+};
+
+// enum ggml_type of a type name ("q4_K"); throws std::invalid_argument for an unknown name
+int32_t                  ggml_type_from_name(const std::string & name);
+type_info                ggml_type_describe(const std::string & name);
+std::vector<std::string> quant_type_names();
+uint64_t                 quant_row_size(const std::string & type, int64_t n_per_row);
+
+// src [n_rows, n_per_row] float32 -> dst, n_rows * quant_row_size(type, n_per_row) bytes.
+// n_threads <= 0: all hardware threads.
+void quantize_rows(const std::string & type, const float * src, int64_t n_rows, int64_t n_per_row, void * dst,
+                   int n_threads);
+// the inverse: dst [n_rows, n_per_row] float32
+void dequantize_rows(const std::string & type, const void * src, int64_t n_rows, int64_t n_per_row, float * dst,
+                     int n_threads);
 
 //
 // model
