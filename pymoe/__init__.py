@@ -6,8 +6,17 @@ llama.cpp (pinned, patched, linked into ``pymoe._core``) driven from Python.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-from . import _core
+try:
+    from . import _core
+except ImportError as e:  # a source checkout shadowing the installed package
+    raise ImportError(
+        f"pymoe's native extension (_core) is not importable from {Path(__file__).parent}: {e}. "
+        "hint: if this is the source folder, run from another folder (or use `pytest`, not `python -m pytest`, "
+        "which puts the current folder first on sys.path), or install in editable mode: "
+        "pip install --no-build-isolation -e ."
+    ) from e
 from .conversation import Conversation
 from .gguf_info import GGUFSummary, summarize
 from .model import GenerationStats, Model, PerplexityResult, SamplingParams

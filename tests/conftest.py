@@ -13,15 +13,14 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
-def run_pymoe(
-    *args: str,
-    input: str | None = None,
-    timeout: float = 300,
-    env: dict | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Runs the `pymoe` CLI with this interpreter; returns the finished process."""
+def run_pymoe(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Runs the `pymoe` CLI with this interpreter; returns the finished process.
+
+    It runs in the tests folder: `python -m` puts the working folder first on
+    sys.path, and in the repository root that would be the source tree's
+    pymoe/, not the installed package with its native extension."""
     return subprocess.run(
-        [sys.executable, "-m", "pymoe", *args], input=input, capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "pymoe", *args], input=input, capture_output=True, text=True, timeout=timeout, cwd=TESTS
     )
 
 

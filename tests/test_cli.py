@@ -10,7 +10,7 @@ import sys
 
 import pexpect
 import pytest
-from conftest import run_pymoe
+from conftest import TESTS, run_pymoe
 
 
 def test_help_lists_the_commands():
@@ -142,6 +142,7 @@ def _spawn_chat(model, *extra):
         env=env,
         encoding="utf-8",
         timeout=120,
+        cwd=str(TESTS),  # not the repository root: see run_pymoe
     )
     child.expect("commands:")
     banner = child.before
