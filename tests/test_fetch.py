@@ -77,3 +77,18 @@ def test_a_wrong_sdist_is_refused(tmp_path):
     assert proc.returncode == 1
     assert "sha256" in proc.stderr and "does not match" in proc.stderr
     assert not (tmp_path / "llama.cpp").exists()
+
+
+def test_local_edits_are_not_discarded(tmp_path, sdist):
+    dest = tmp_path / "llama.cpp"
+    env = {"PYMOE_LLAMA_SDIST": sdist}
+    assert fetch("--dest", str(dest), "--no-patches", env_extra=env).returncode == 0
+    edited = dest / "src" / "llama-graph.cpp"
+    stamp_time = (dest / ".pymoe-stamp.json").stat().st_mtime
+    os.utime(edited, (stamp_time + 60, stamp_time + 60))
+    # the patches differ from the stamp, so the tree would be replaced: refused
+    proc = fetch("--dest", str(dest), env_extra=env)
+    assert proc.returncode == 1
+    assert "local edits" in proc.stderr and "src/llama-graph.cpp" in proc.stderr and "make_patch.py" in proc.stderr
+    assert json.loads((dest / ".pymoe-stamp.json").read_text())["patches"] == []
+    assert fetch("--dest", str(dest), "--force", env_extra=env).returncode == 0

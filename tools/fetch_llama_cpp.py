@@ -90,7 +90,7 @@ def extract(sdist: Path, into: Path) -> None:
             if not m.name.startswith(VENDOR_PREFIX):
                 continue
             m.name = m.name[len(VENDOR_PREFIX) :]
-            if not m.name:
+            if not m.name or m.name == ".git":  # a submodule gitlink pointing outside the sdist
                 continue
             members.append(m)
         if not members:
@@ -125,6 +125,25 @@ def apply_patches(tree: Path, patch_files: list[Path]) -> None:
         print(f"fetch_llama_cpp: applied {patch.name}", file=sys.stderr)
 
 
+def refuse_local_edits(dest: Path) -> None:
+    """A tree about to be replaced must not hold edits made after it was
+    stamped: those are a patch in the making (see tools/make_patch.py)."""
+    stamp = dest / STAMP
+    if not stamp.is_file():
+        return
+    stamped = stamp.stat().st_mtime
+    for folder, dirs, files in os.walk(dest):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        for name in files:
+            path = Path(folder) / name
+            if path.stat().st_mtime > stamped + 1:
+                raise FetchError(
+                    f"{dest} has local edits ({path.relative_to(dest)} is newer than the tree's stamp) and would be "
+                    "replaced because the patches changed; hint: save the edits as a patch with tools/make_patch.py, "
+                    "or pass --force to discard them"
+                )
+
+
 def materialise(dest: Path, force: bool = False, patch_dir: Path | None = PATCH_DIR) -> bool:
     """Make `dest` hold the pinned tree with the patches of `patch_dir` (None:
     pristine). Returns True when it changed anything."""
@@ -132,6 +151,8 @@ def materialise(dest: Path, force: bool = False, patch_dir: Path | None = PATCH_
     want = wanted_stamp(patch_files)
     if not force and read_stamp(dest) == want:
         return False
+    if not force:
+        refuse_local_edits(dest)
     sdist = download_sdist()
     dest.parent.mkdir(parents=True, exist_ok=True)
     # build beside the destination and swap in at the end: an interrupted run
