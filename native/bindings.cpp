@@ -2,6 +2,9 @@
 // (model loading, decoding) release the GIL.
 #include "pymoe.h"
 
+#include "pymoe-planner.h"
+#include "pymoe-policy.h"
+
 #include "ggml.h"
 #include "llama.h"
 
@@ -80,6 +83,28 @@ py::array_t<int32_t> to_numpy(std::vector<int32_t> && v) {
     auto * heap = new std::vector<int32_t>(std::move(v));
     py::capsule owner(heap, [](void * p) { delete static_cast<std::vector<int32_t> *>(p); });
     return py::array_t<int32_t>((py::ssize_t) heap->size(), heap->data(), owner);
+}
+
+py::dict layer_stats_to_py(const pymoe::layer_stats & l) {
+    return py::dict(py::arg("steps") = l.steps, py::arg("pairs") = l.pairs, py::arg("hits") = l.hits,
+                    py::arg("misses") = l.misses, py::arg("loads") = l.loads, py::arg("direct") = l.direct,
+                    py::arg("evictions") = l.evictions, py::arg("pool_pairs") = l.pool_pairs,
+                    py::arg("direct_pairs") = l.direct_pairs, py::arg("bytes_loaded") = l.bytes_loaded,
+                    py::arg("bytes_direct") = l.bytes_direct, py::arg("load_seconds") = l.load_seconds,
+                    py::arg("plan_seconds") = l.plan_seconds);
+}
+
+py::dict offload_stats_to_py(const pymoe::offload_stats & s) {
+    py::list layers;
+    for (const auto & l : s.layers) {
+        layers.append(layer_stats_to_py(l));
+    }
+    py::array_t<uint64_t> pairs({ (py::ssize_t) s.n_layer, (py::ssize_t) s.n_expert });
+    std::copy(s.expert_pairs.begin(), s.expert_pairs.end(), pairs.mutable_data());
+    return py::dict(py::arg("tier") = s.tier, py::arg("budget") = s.budget, py::arg("pool_bytes") = s.pool_bytes,
+                    py::arg("n_slots") = s.n_slots, py::arg("n_layer") = s.n_layer, py::arg("n_expert") = s.n_expert,
+                    py::arg("policy") = s.policy, py::arg("read_bandwidth") = s.read_bandwidth,
+                    py::arg("layers") = layers, py::arg("expert_pairs") = pairs);
 }
 
 py::array_t<float> decode(py_model & self, const i32_array & tokens, const i32_array & pos, const i32_array & seq,
@@ -186,10 +211,75 @@ PYBIND11_MODULE(_core, mod) {
         py::arg("src"), py::arg("type"), py::arg("n_per_row"), py::arg("n_threads") = 0,
         "The bytes of whole rows of a ggml type -> float32 [n_rows, n_per_row].");
 
+    // --- the engine's pure parts, for tests and the trace simulator
+    mod.def("policy_names", &pymoe::eviction_policy_names);
+    mod.def(
+        "policy_pick_victim",
+        [](const std::string & name, const std::vector<std::tuple<int32_t, int32_t, uint64_t, uint64_t, double>> & slots) {
+            if (slots.empty()) {
+                throw std::invalid_argument("policy_pick_victim: no candidates");
+            }
+            std::vector<pymoe::slot_view> v;
+            for (const auto & [layer, expert, last_use, uses, profile] : slots) {
+                v.push_back({ layer, expert, last_use, uses, profile });
+            }
+            return pymoe::make_eviction_policy(name)->pick_victim(v.data(), v.size());
+        },
+        py::arg("policy"), py::arg("slots"),
+        "Index of the slot the policy evicts; slots = [(layer, expert, last_use, uses, profile)].");
+    mod.def(
+        "policy_admits_on_miss", [](const std::string & name) { return pymoe::make_eviction_policy(name)->admits_on_miss(); },
+        py::arg("policy"));
+    mod.def(
+        "plan_layer",
+        [](const std::vector<std::tuple<int32_t, int32_t, float, bool>> & experts, int32_t capacity, bool admit,
+           uint64_t expert_bytes, double flops_per_token, double read_bw, double direct_bw, double fast_flops,
+           double slow_flops, double reuse, bool assist) {
+            pymoe::plan_request req;
+            for (const auto & [e, n, w, cached] : experts) {
+                req.experts.push_back({ e, n, w, cached });
+            }
+            req.capacity        = capacity;
+            req.admit           = admit;
+            req.assist          = assist;
+            req.expert_bytes    = expert_bytes;
+            req.flops_per_token = flops_per_token;
+            req.cost            = { read_bw, direct_bw, fast_flops, slow_flops, reuse };
+            std::vector<int> out;
+            for (auto a : pymoe::plan_layer(req)) {
+                out.push_back((int) a);
+            }
+            return out;
+        },
+        py::arg("experts"), py::arg("capacity"), py::arg("admit") = true, py::arg("expert_bytes") = 0,
+        py::arg("flops_per_token") = 0.0, py::arg("read_bw") = 0.0, py::arg("direct_bw") = 0.0,
+        py::arg("fast_flops") = 0.0, py::arg("slow_flops") = 0.0, py::arg("reuse") = 1.0, py::arg("assist") = true,
+        "Actions (0 hit, 1 load, 2 direct) for experts = [(expert, n_tokens, weight, cached)].");
+
+    mod.def(
+        "offload_plan",
+        [](const std::string & path, uint64_t budget) {
+            uint64_t               planned = 0;
+            std::vector<pymoe::pool_plan> plan;
+            {
+                py::gil_scoped_release release;
+                plan = pymoe::offload_plan(path, budget, &planned);
+            }
+            py::list pools;
+            for (const auto & p : plan) {
+                pools.append(py::dict(py::arg("layers") = p.layers, py::arg("slot_bytes") = p.slot_bytes,
+                                      py::arg("n_slots") = p.n_slots, py::arg("n_experts") = p.n_experts));
+            }
+            return py::dict(py::arg("pools") = pools, py::arg("bytes") = planned);
+        },
+        py::arg("path"), py::arg("budget"), "How `budget` bytes would split over the model's slot pools.");
+
     py::class_<py_model>(mod, "Model")
         .def(py::init([](const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, int32_t n_seq_max,
                          int32_t n_threads, int32_t n_gpu_layers, bool use_mmap, bool flash_attn,
-                         const std::string & cache_type) {
+                         const std::string & cache_type, bool offload, uint64_t expert_budget,
+                         const std::string & policy, const std::vector<double> & profile, bool direct_io,
+                         int32_t io_threads, const std::string & offload_tier, bool cpu_assist) {
                  pymoe::model_params p;
                  p.path         = path;
                  p.n_ctx        = n_ctx;
@@ -201,11 +291,22 @@ PYBIND11_MODULE(_core, mod) {
                  p.use_mmap     = use_mmap;
                  p.flash_attn   = flash_attn;
                  p.cache_type   = cache_type;
+                 p.offload.enabled    = offload;
+                 p.offload.budget     = expert_budget;
+                 p.offload.policy     = policy;
+                 p.offload.profile    = profile;
+                 p.offload.direct_io  = direct_io;
+                 p.offload.io_threads = io_threads;
+                 p.offload.tier       = offload_tier;
+                 p.offload.cpu_assist = cpu_assist;
                  return std::make_unique<py_model>(p);
              }),
              py::arg("path"), py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_ubatch") = 512,
              py::arg("n_seq_max") = 1, py::arg("n_threads") = 0, py::arg("n_gpu_layers") = -1,
-             py::arg("use_mmap") = true, py::arg("flash_attn") = false, py::arg("cache_type") = "f16")
+             py::arg("use_mmap") = true, py::arg("flash_attn") = false, py::arg("cache_type") = "f16",
+             py::arg("offload") = false, py::arg("expert_budget") = 0, py::arg("policy") = "lru",
+             py::arg("profile") = std::vector<double>(), py::arg("direct_io") = true, py::arg("io_threads") = 4,
+             py::arg("offload_tier") = "disk", py::arg("cpu_assist") = true)
         .def("close", &py_model::close)
         .def_property_readonly("closed", &py_model::closed)
         // vocab
@@ -238,6 +339,10 @@ PYBIND11_MODULE(_core, mod) {
         .def("memory_truncate", [](py_model & self, int32_t seq, int32_t pos0) { self.get().memory_truncate(seq, pos0); },
              py::arg("seq"), py::arg("pos0"))
         .def("memory_clear", [](py_model & self) { self.get().memory_clear(); })
+        // expert offload
+        .def_property_readonly("offload_enabled", [](py_model & self) { return self.get().offload_enabled(); })
+        .def("offload_stats", [](py_model & self) { return offload_stats_to_py(self.get().get_offload_stats()); })
+        .def("offload_reset_stats", [](py_model & self) { self.get().offload_reset_stats(); })
         // chat template
         .def("chat_template", [](py_model & self) { return self.get().chat_template(); })
         .def(

@@ -2,6 +2,9 @@
 // metadata. Everything here goes through llama.cpp's public API (llama.h).
 #include "pymoe.h"
 
+#include "pymoe-engine.h"
+
+#include "ggml-cpu.h"
 #include "ggml.h"
 #include "llama.h"
 
@@ -28,6 +31,17 @@ std::string with_reason(const std::string & what, const std::string & reason) {
     return reason.empty() ? what : what + ": " + reason;
 }
 
+std::string meta_string(const llama_model * m, const std::string & key) {
+    char          buf[256];
+    const int32_t n = llama_model_meta_val_str(m, key.c_str(), buf, sizeof(buf));
+    return n < 0 ? std::string() : std::string(buf);
+}
+
+int32_t meta_int(const llama_model * m, const std::string & key) {
+    const std::string v = meta_string(m, key);
+    return v.empty() ? 0 : (int32_t) std::stol(v);
+}
+
 }  // namespace
 
 model::model(const model_params & params) : params_(params) {
@@ -46,6 +60,19 @@ model::model(const model_params & params) : params_(params) {
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers       = params.n_gpu_layers;
     mp.load_mode          = params.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    // disk tier: llama.cpp maps the routed experts without reading them (the
+    // engine reads what tokens need into its slots); host tier: they are loaded
+    // into plain host buffers (not repacked: slots are byte copies of them)
+    const bool offload_disk = params.offload.enabled && params.offload.tier == "disk";
+    const bool offload_host = params.offload.enabled && params.offload.tier == "host";
+    mp.lazy_experts         = offload_disk;
+    const llama_model_tensor_buft_override host_experts[] = {
+        { "\\.ffn_(gate|up|down|gate_up)_(ch)?exps\\.weight$", ggml_backend_cpu_buffer_type() },
+        { nullptr, nullptr },
+    };
+    if (offload_host) {
+        mp.tensor_buft_overrides = host_experts;
+    }
 
     log_clear_errors();
     model_.reset(llama_model_load_from_file(params.path.c_str(), mp));
@@ -70,6 +97,17 @@ model::model(const model_params & params) : params_(params) {
     cp.kv_unified      = true;  // sequences share the whole context
     cp.type_k          = (ggml_type) ggml_type_from_name(params.cache_type);
     cp.type_v          = cp.type_k;
+
+    if (params.offload.enabled) {
+        const std::string arch = meta_string(model_.get(), "general.architecture");
+        engine_ = std::make_unique<engine>(params.path, params.offload, llama_model_n_layer(model_.get()),
+                                           meta_int(model_.get(), arch + ".expert_count"),
+                                           meta_int(model_.get(), arch + ".expert_used_count"),
+                                           (int32_t) std::max(cp.n_batch, cp.n_ubatch), ggml_backend_cpu_buffer_type());
+        cp.moe_hook          = engine_->hook();
+        cp.cb_eval           = engine::eval_callback;
+        cp.cb_eval_user_data = engine_.get();
+    }
     cp.no_perf         = false;
 
     ctx_.reset(llama_init_from_model(model_.get(), cp));
@@ -219,10 +257,22 @@ void model::decode(const int32_t * tokens, const int32_t * pos, const int32_t * 
         batch.logits      = batch_out_.data();
 
         log_clear_errors();
-        const int32_t rc = llama_decode(ctx_.get(), batch);
+        int32_t     rc = llama_decode(ctx_.get(), batch);
+        std::string engine_error;
+        if (engine_) {
+            try {
+                engine_->end_batch();
+            } catch (const std::exception & e) {
+                engine_error = e.what();
+                rc           = rc ? rc : -100;
+            }
+        }
         if (rc != 0) {
             for (const auto & [s, p] : first_pos) {
                 llama_memory_seq_rm(llama_get_memory(ctx_.get()), s, p, -1);
+            }
+            if (!engine_error.empty()) {
+                throw std::runtime_error(engine_error);
             }
             std::string what = rc == 1 ? "the context is full (n_ctx = " + std::to_string(params_.n_ctx) + ")"
                              : rc == 2 ? "decoding was aborted"
@@ -241,6 +291,19 @@ void model::decode(const int32_t * tokens, const int32_t * pos, const int32_t * 
             std::memcpy(out + n_out * (size_t) nv, row, sizeof(float) * (size_t) nv);
             ++n_out;
         }
+    }
+}
+
+offload_stats model::get_offload_stats() const {
+    if (!engine_) {
+        throw std::logic_error("expert offload is off for this model");
+    }
+    return engine_->stats();
+}
+
+void model::offload_reset_stats() {
+    if (engine_) {
+        engine_->reset_stats();
     }
 }
 

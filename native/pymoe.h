@@ -7,6 +7,14 @@
 //   pymoe-sampler.cpp  llama.cpp's sampler chain
 //   pymoe-quant.cpp    ggml's quantisers and dequantisers over threads
 //
+// The expert-offload engine (internal headers, included by the engine files only):
+//   pymoe-expert-store.*  where each expert's bytes live (file offsets, mapped host tensors) and reading them
+//   pymoe-policy.*        eviction policies: LRU, LFU, static hot set (pure functions)
+//   pymoe-expert-cache.*  slot pools in the fast tier, the (layer, expert) -> slot map, a byte budget
+//   pymoe-planner.*       the per-layer plan: hit / load into a slot / run from the model's tensors
+//   pymoe-engine.*        ties them together per MoE layer at the router's sync point; stats
+//   pymoe-hook.cpp        the llama_moe_hook that builds the expert branches (the only file with llama internals)
+//
 // Errors are thrown as std::runtime_error / std::invalid_argument with a message
 // that names the object and ends with what the user can do ("hint: ...").
 #pragma once
@@ -107,8 +115,75 @@ void dequantize_rows(const std::string & type, const void * src, int64_t n_rows,
                      int n_threads);
 
 //
+// expert offload
+//
+
+struct offload_params {
+    bool                enabled    = false;
+    // "disk": llama.cpp maps the experts without reading them; slots are read
+    //         from the file and the direct branch's pages are dropped after use
+    //         (the model may be larger than RAM).
+    // "host": the experts are resident in host memory (llama.cpp loads them,
+    //         unrepacked); slots are copied from there and the direct branch is
+    //         the CPU computing where the weights are. With a GPU fast tier this
+    //         is the GPU deployment; on a CPU-only build it runs the same data
+    //         flow with the slots in RAM.
+    std::string         tier       = "disk";
+    uint64_t            budget     = 0;      // bytes of fast memory for expert slots (all pools together)
+    std::string         policy     = "lru";  // eviction: "lru", "lfu", "static" (hot set from `profile`)
+    std::vector<double> profile;             // "static": usage per expert, [n_layer * n_expert], layer-major
+    bool                cpu_assist = true;   // a miss may be computed where its weights are, when the cost
+                                             // model says that is cheaper than loading it (Fiddler); off:
+                                             // every miss takes a slot while slots remain
+    bool                direct_io  = true;   // O_DIRECT for slot loads, falls back to buffered reads
+    int32_t             io_threads = 4;      // parallel reads when a layer misses several experts
+};
+
+struct layer_stats {
+    uint64_t steps        = 0;  // ubatches that went through this MoE layer
+    uint64_t pairs        = 0;  // (token, chosen expert) pairs
+    uint64_t hits         = 0;  // distinct experts of a step found in a slot
+    uint64_t misses       = 0;  // distinct experts of a step not in a slot
+    uint64_t loads        = 0;  // experts read into a slot
+    uint64_t direct       = 0;  // distinct experts computed from the model's own tensors
+    uint64_t evictions    = 0;
+    uint64_t pool_pairs   = 0;  // pairs computed from slots
+    uint64_t direct_pairs = 0;  // pairs computed from the model's tensors
+    uint64_t bytes_loaded = 0;  // read into slots
+    uint64_t bytes_direct = 0;  // expert bytes the direct branch touched
+    double   load_seconds = 0;  // reading into slots (the decode waits for it)
+    double   plan_seconds = 0;  // planning and bookkeeping at the sync point
+};
+
+struct offload_stats {
+    std::string              tier;           // "disk" or "host" (see offload_params)
+    uint64_t                 budget     = 0; // asked for
+    uint64_t                 pool_bytes = 0; // allocated for slots (<= budget)
+    int32_t                  n_slots    = 0; // all pools
+    int32_t                  n_layer    = 0;
+    int32_t                  n_expert   = 0;
+    std::string              policy;
+    double                   read_bandwidth = 0; // bytes/s of slot loads, measured at start-up
+    std::vector<layer_stats> layers;             // by layer index; dense layers stay zero
+    std::vector<uint64_t>    expert_pairs;       // [n_layer * n_expert] pairs routed to each expert
+};
+
+// How a budget splits over the slot pools of a model (nothing is allocated):
+// layers whose experts share a format share a pool.
+struct pool_plan {
+    std::vector<int32_t> layers;
+    uint64_t             slot_bytes = 0;  // one expert, all its projections
+    int32_t              n_slots    = 0;
+    int32_t              n_experts  = 0;  // the pool's layers x experts per layer
+};
+
+std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, uint64_t * planned_bytes);
+
+//
 // model
 //
+
+class engine;  // pymoe-engine.h
 
 struct model_params {
     std::string path;
@@ -121,6 +196,7 @@ struct model_params {
     bool        use_mmap     = true;
     bool        flash_attn   = false;
     std::string cache_type   = "f16"; // KV cache element type (ggml type name: f32, f16, q8_0 ...)
+    offload_params offload;              // the expert-offload engine (off by default)
 };
 
 struct chat_message {
@@ -180,6 +256,11 @@ class model {
     int32_t                            n_threads() const;
     void                               set_n_threads(int32_t n_threads);
 
+    // --- expert offload
+    bool          offload_enabled() const { return engine_ != nullptr; }
+    offload_stats get_offload_stats() const;  // throws std::logic_error when offload is off
+    void          offload_reset_stats();
+
     const model_params & params() const { return params_; }
     llama_model *        llama() const { return model_.get(); }
     llama_context *      context() const { return ctx_.get(); }
@@ -196,6 +277,7 @@ class model {
     void check_tokens(const int32_t * tokens, int32_t n) const;
 
     model_params                                          params_;
+    std::unique_ptr<engine>                               engine_;  // declared before model_: freed after the context
     std::unique_ptr<llama_model, llama_model_deleter>     model_;
     std::unique_ptr<llama_context, llama_context_deleter> ctx_;
     const llama_vocab *                                   vocab_ = nullptr;

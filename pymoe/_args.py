@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from .model import Model
+from .offload import OFFLOAD_MODES, POLICIES, TIERS
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = False) -> None:
@@ -47,6 +49,33 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Fa
         help="KV cache element type: f16, f32, q8_0 ... (default: %(default)s)",
     )
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log and full error tracebacks")
+    o = parser.add_argument_group("expert offload (MoE models)")
+    o.add_argument(
+        "--offload",
+        choices=OFFLOAD_MODES,
+        default="auto",
+        help="the expert cache: auto (on when the experts do not fit the budget), on, off (default: %(default)s)",
+    )
+    o.add_argument(
+        "--expert-budget",
+        default="auto",
+        metavar="SIZE",
+        help="fast memory for expert slots: 6GiB, 512MiB, a share like 0.5 or 50%%, or auto "
+        "(free memory minus the rest of the model and the KV cache; default)",
+    )
+    o.add_argument("--policy", choices=POLICIES, default="lru", help="cache eviction policy (default: %(default)s)")
+    o.add_argument(
+        "--offload-tier",
+        choices=TIERS,
+        default="auto",
+        help="disk: experts stay in the file (models bigger than RAM); host: experts in RAM; "
+        "auto: host with a GPU, else disk (default)",
+    )
+    o.add_argument(
+        "--no-cpu-assist",
+        action="store_true",
+        help="always load a missed expert into the cache instead of computing it where it lives",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, temp: float = 0.8) -> None:
@@ -79,10 +108,22 @@ def model_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
         "n_gpu_layers": args.n_gpu_layers,
         "use_mmap": not args.no_mmap,
         "cache_type": args.cache_type,
+        "offload": args.offload,
+        "expert_budget": budget_arg(args.expert_budget),
+        "policy": args.policy,
+        "offload_tier": args.offload_tier,
+        "cpu_assist": not args.no_cpu_assist,
         "verbose": args.verbose,
     }
     kw.update(overrides)
     return kw
+
+
+def budget_arg(text: str) -> str | float:
+    """--expert-budget: a decimal fraction such as 0.5 is a share of the expert bytes; everything else
+    (6GiB, 50%, auto, a byte count) is passed on as text."""
+    t = text.strip()
+    return float(t) if re.fullmatch(r"(0?\.[0-9]+|1\.0*)", t) else t
 
 
 def load_model(args: argparse.Namespace, **overrides: Any) -> Model:

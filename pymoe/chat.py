@@ -89,5 +89,5 @@ def main(args: argparse.Namespace) -> int:
             if conv.dropped_turns > dropped:
                 print(f"[context full: dropped the {conv.dropped_turns - dropped} oldest turn(s)]", file=sys.stderr)
             if args.stats:
-                _print_stats(model.last_stats.as_dict())
+                _print_stats({"generation": model.last_stats.as_dict(), "offload": model.offload_stats()})
     return 0

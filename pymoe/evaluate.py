@@ -27,6 +27,7 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     src.add_argument("--tokens", metavar="FILE", help="a file of whitespace-separated token ids")
     parser.add_argument("--logits-out", required=True, metavar="OUT.npy", help="where to save the logits")
     parser.add_argument("--force", action="store_true", help="overwrite OUT.npy if it exists")
+    parser.add_argument("--stats", action="store_true", help="print the expert-offload counters to stderr")
     # exact comparisons want an f32 KV cache (f16 adds ~1e-3 relative error)
     parser.set_defaults(cache_type="f32")
     return parser
@@ -64,7 +65,11 @@ def main(args: argparse.Namespace) -> int:
     with load_model(args, n_ctx=n_ctx) as model:
         ids = tokens if tokens is not None else model.tokenize(text, add_bos=True)
         logits = model.logits(ids)
+        offload = model.offload_stats()
     with atomic_output(out, force=args.force) as tmp, open(tmp, "wb") as f:
         np.save(f, logits.astype(np.float32, copy=False))
-    print(json.dumps({"tokens": len(ids), "n_vocab": int(logits.shape[1]), "logits_out": str(out)}), file=sys.stderr)
+    report = {"tokens": len(ids), "n_vocab": int(logits.shape[1]), "logits_out": str(out)}
+    if args.stats:
+        report["offload"] = offload
+    print(json.dumps(report), file=sys.stderr)
     return 0

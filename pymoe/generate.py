@@ -69,5 +69,6 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if args.stats:
-            print(json.dumps(model.last_stats.as_dict(), indent=2), file=sys.stderr)
+            report = {"generation": model.last_stats.as_dict(), "offload": model.offload_stats()}
+            print(json.dumps(report, indent=2), file=sys.stderr)
     return 0

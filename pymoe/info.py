@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from .gguf_info import summarize
+from . import _core
+from ._args import budget_arg
+from .gguf_info import GGUFSummary, summarize
+from .offload import auto_budget, parse_budget
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -16,6 +19,11 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument("model", help="GGUF model file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tensors", action="store_true", help="also list every tensor")
+    parser.add_argument(
+        "--expert-budget",
+        metavar="SIZE",
+        help="show how this expert budget (6GiB, 0.5, 50%%, auto) would split over the slot pools",
+    )
     parser.add_argument("--verbose", action="store_true", help="full error tracebacks")
     return parser
 
@@ -28,12 +36,29 @@ def human(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def budget_split(s: GGUFSummary, budget_text: str) -> dict:
+    """How a budget splits over the model's slot pools (the engine's own split, nothing allocated)."""
+    if not s.is_moe:
+        raise ValueError(f"'{s.path}' is a dense model: there are no experts to offload")
+    budget = parse_budget(budget_arg(budget_text), s.expert_bytes)
+    if budget is None:
+        budget = auto_budget(s, 4096)
+    plan = _core.offload_plan(str(s.path), budget)
+    slots = sum(p["n_slots"] for p in plan["pools"])
+    experts = sum(p["n_experts"] for p in plan["pools"])
+    return {"budget": budget, "allocated": plan["bytes"], "slots": slots, "experts": experts,
+            "share_cached": slots / experts if experts else 0.0, "pools": plan["pools"]}
+
+
 def main(args: argparse.Namespace) -> int:
     s = summarize(args.model)
+    split = budget_split(s, args.expert_budget) if args.expert_budget else None
     if args.json:
         d = s.as_dict()
         if args.tensors:
             d["tensors"] = [t.__dict__ for t in s.tensors]
+        if split:
+            d["expert_budget"] = split
         print(json.dumps(d, indent=2, default=str))
         return 0
     total = s.expert_bytes + s.other_bytes
@@ -57,6 +82,15 @@ def main(args: argparse.Namespace) -> int:
     print(f"{'type':<10}{'experts':>14}{'other':>14}{'total':>14}")
     for typ, b in s.bytes_by_type().items():
         print(f"{typ:<10}{human(b['expert']):>14}{human(b['other']):>14}{human(b['expert'] + b['other']):>14}")
+    if split:
+        print()
+        print(f"budget        {human(split['budget'])}: {split['slots']} of {split['experts']} experts "
+              f"({split['share_cached']:.0%}) in slots, {human(split['allocated'])} allocated")
+        for i, p in enumerate(split["pools"]):
+            layers = p["layers"]
+            span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+            print(f"  pool {i}: layers {span}, {p['n_slots']} slots of {human(p['slot_bytes'])} "
+                  f"({p['n_slots'] / p['n_experts']:.0%} of its {p['n_experts']} experts)")
     if args.tensors:
         print()
         for t in s.tensors:

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _core
 from .gguf_info import GGUFSummary, check_gguf_path, summarize
+from .offload import OffloadConfig, resolve_tier, summarize_stats
 
 Message = dict[str, str]
 Tokens = Sequence[int] | np.ndarray  # token ids: a list or a 1-D integer array
@@ -109,6 +110,20 @@ class Model:
     use_mmap: map the file instead of reading it into memory.
     flash_attn: use flash attention.
     cache_type: KV cache element type ("f16", "f32", "q8_0" ...).
+    offload: the expert-offload engine: "auto" (on for a MoE model whose
+        experts do not fit the budget), "on" or "off".
+    expert_budget: fast memory for expert slots: bytes ("6GiB", an int), a
+        share of the model's expert bytes (0.5, "50%"), or "auto" (what is
+        free after the rest of the model and the KV cache).
+    policy: cache eviction, "lru", "lfu" or "static" (needs `profile`).
+    profile: per-expert usage [n_layer, n_expert] for the static hot set
+        (e.g. ``offload_stats(raw=True)["expert_pairs"]`` of an earlier run).
+    offload_tier: "disk" (experts stay in the file, read on demand: the
+        model may exceed RAM), "host" (experts resident in host memory, slots
+        in the fast tier), or "auto" (host with a GPU, disk without).
+    cpu_assist: let the planner compute a missed expert where its weights are
+        when that is cheaper than loading it (Fiddler); False: always load.
+    direct_io: read slots with O_DIRECT (disk tier).
     verbose: let llama.cpp log to stderr.
     """
 
@@ -124,11 +139,28 @@ class Model:
         use_mmap: bool = True,
         flash_attn: bool = False,
         cache_type: str = "f16",
+        offload: str = "auto",
+        expert_budget: str | float | int | None = "auto",
+        policy: str = "lru",
+        profile: Any = None,
+        offload_tier: str = "auto",
+        cpu_assist: bool = True,
+        direct_io: bool = True,
         verbose: bool = False,
     ) -> None:
         self.path = Path(path)
         check_gguf_path(self.path)
         _core.set_log_level(2 if verbose else 100)
+        self._summary: GGUFSummary = summarize(self.path)
+        ctx_train = self._summary.metadata.get(f"{self._summary.architecture}.context_length", 4096)
+        self.offload = OffloadConfig.resolve(
+            self._summary,
+            offload=offload,
+            expert_budget=expert_budget,
+            policy=policy,
+            n_ctx=n_ctx or min(int(ctx_train) if isinstance(ctx_train, int) else 4096, 4096),
+        )
+        profile_list = np.asarray(profile, dtype=np.float64).ravel().tolist() if profile is not None else []
         self._native = _core.Model(
             str(self.path),
             n_ctx=n_ctx,
@@ -139,11 +171,18 @@ class Model:
             use_mmap=use_mmap,
             flash_attn=flash_attn,
             cache_type=cache_type,
+            offload=self.offload.enabled,
+            expert_budget=self.offload.budget,
+            policy=self.offload.policy,
+            profile=profile_list,
+            direct_io=direct_io,
+            offload_tier=resolve_tier(offload_tier),
+            cpu_assist=cpu_assist,
         )
         self._lock = threading.RLock()
         self._past: list[int] = []  # tokens whose KV cache sequence 0 holds, in order
         self._totals = _Totals()
-        self._summary: GGUFSummary | None = None
+        self._tokens_evaluated = 0  # tokens run through the model since load (or reset_stats)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -193,8 +232,6 @@ class Model:
     @property
     def summary(self) -> GGUFSummary:
         """Tensor table and expert layout of the file (see `pymoe.gguf_info`)."""
-        if self._summary is None:
-            self._summary = summarize(self.path)
         return self._summary
 
     def info(self) -> dict[str, Any]:
@@ -208,6 +245,12 @@ class Model:
                 "n_params": int(self._native.n_params),
                 "n_threads": int(self._native.n_threads),
                 "llama_cpp_commit": _core.llama_commit(),
+                "offload": {
+                    "enabled": self.offload.enabled,
+                    "budget": self.offload.budget,
+                    "policy": self.offload.policy,
+                    "reason": self.offload.reason,
+                },
             }
         )
         return s
@@ -253,7 +296,9 @@ class Model:
         want = np.ones(n, dtype=np.int8) if want_all else np.zeros(n, dtype=np.int8)
         if not want_all:
             want[-1] = 1
-        return self._native.decode(tokens, pos, seq, want)
+        out = self._native.decode(tokens, pos, seq, want)
+        self._tokens_evaluated += n
+        return out
 
     def _feed(self, tokens: Tokens) -> tuple[np.ndarray, int]:
         """Makes the KV cache hold exactly `tokens`, reusing the longest cached
@@ -425,7 +470,25 @@ class Model:
             "n_ctx": self.n_ctx,
             "last": t.last.as_dict(),
             "experts": self.summary.expert_note(),
+            "offload": self.offload_stats(),
         }
+
+    def offload_stats(self, *, raw: bool = False) -> dict[str, Any] | None:
+        """The expert-offload engine's counters (None when offload is off):
+        totals, hit rate, bytes moved per token, per-layer lists; with
+        ``raw=True`` the native per-layer dicts and the [n_layer, n_expert]
+        matrix of pairs routed to each expert."""
+        if not self.offload.enabled:
+            return None
+        stats = self._native.offload_stats()
+        return stats if raw else summarize_stats(stats, tokens=self._tokens_evaluated)
+
+    def reset_stats(self) -> None:
+        """Zeroes the generation totals and the engine's per-layer counters."""
+        self._totals = _Totals()
+        self._tokens_evaluated = 0
+        if self.offload.enabled:
+            self._native.offload_reset_stats()
 
     def _generate_tokens(
         self, tokens: list[int], max_tokens: int, sampling: SamplingParams, stop: list[str]

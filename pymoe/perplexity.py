@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ._args import add_model_args, load_model
@@ -18,6 +19,7 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument("-f", "--file", required=True, metavar="FILE", help="a UTF-8 text file")
     parser.add_argument("--chunk", type=int, default=512, metavar="N", help="tokens per chunk (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--stats", action="store_true", help="print the expert-offload counters to stderr")
     return parser
 
 
@@ -31,6 +33,8 @@ def main(args: argparse.Namespace) -> int:
     with load_model(args, n_ctx=max(args.ctx_size, args.chunk)) as model:
         tokens = model.tokenize(text, add_bos=False)
         res = model.perplexity(tokens, n_ctx=args.chunk)
+        if args.stats:
+            print(json.dumps({"offload": model.offload_stats()}, indent=2), file=sys.stderr)
     if args.json:
         print(json.dumps(res.as_dict()))
     else:

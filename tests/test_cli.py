@@ -41,7 +41,7 @@ def test_generate_reads_stdin_and_reports_stats(demo_gguf):
         "generate", str(demo_gguf), "-f", "-", "-n", "4", "--temp", "0", "--stats", input="The capital of France is"
     )
     assert proc.returncode == 0, proc.stderr
-    stats = json.loads(proc.stderr[proc.stderr.index("{") :])
+    stats = json.loads(proc.stderr[proc.stderr.index("{") :])["generation"]
     assert stats["prompt_tokens"] == 5 and stats["generated_tokens"] == 4
 
 

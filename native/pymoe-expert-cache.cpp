@@ -1,0 +1,243 @@
+// The expert cache (see pymoe-expert-cache.h).
+#include "pymoe-expert-cache.h"
+
+#include "ggml-alloc.h"
+#include "ggml.h"
+
+#include <algorithm>
+#include <map>
+#include <stdexcept>
+#include <string>
+
+namespace pymoe {
+
+namespace {
+
+std::string format_key(const expert_layer & l) {
+    std::string key;
+    for (const auto & p : l.projs) {
+        key += std::to_string(p.kind) + ":" + std::to_string(p.type) + ":" + std::to_string(p.ne[0]) + "x" +
+               std::to_string(p.ne[1]) + ";";
+    }
+    return key;
+}
+
+// builds the pools' tensors for `slots` in a fresh no-alloc context
+ggml_context_ptr make_pool_tensors(const expert_store & store, std::vector<pool_class> & classes,
+                                   const std::vector<int32_t> & slots) {
+    ggml_init_params params = { ggml_tensor_overhead() * (classes.size() * PROJ_COUNT + 1), nullptr, true };
+    ggml_context_ptr ctx(ggml_init(params));
+    for (size_t c = 0; c < classes.size(); ++c) {
+        pool_class & pc = classes[c];
+        pc.n_slots      = slots[c];
+        std::fill(std::begin(pc.tensors), std::end(pc.tensors), nullptr);
+        if (pc.n_slots == 0) {
+            continue;
+        }
+        for (const auto & p : store.layer(pc.layers[0])->projs) {
+            // [n_in, n_out, n_slots]
+            ggml_tensor * t = ggml_new_tensor_3d(ctx.get(), (ggml_type) p.type, p.ne[0], p.ne[1], pc.n_slots);
+            ggml_format_name(t, "pymoe_pool%zu_%s", c, proj_kind_name(p.kind));
+            pc.tensors[p.kind] = t;
+        }
+    }
+    return ctx;
+}
+
+}  // namespace
+
+expert_cache::expert_cache(const expert_store & store, uint64_t budget, ggml_backend_buffer_type_t buft,
+                           std::unique_ptr<eviction_policy> policy, std::vector<double> profile, bool allocate)
+    : n_expert_(store.n_expert()), budget_(budget), policy_(std::move(policy)), profile_(std::move(profile)) {
+    const int32_t n_layer = store.n_layer();
+    if (!profile_.empty() && profile_.size() != (size_t) n_layer * (size_t) n_expert_) {
+        throw std::invalid_argument("expert profile has " + std::to_string(profile_.size()) + " entries, the model " +
+                                    std::to_string(n_layer) + " x " + std::to_string(n_expert_) +
+                                    " experts; hint: record the profile on this model");
+    }
+    if (!policy_->admits_on_miss() && profile_.empty()) {
+        throw std::invalid_argument("the static policy needs a usage profile; hint: record one with a run under "
+                                    "lru (Model.stats()['expert_pairs']) and pass it as profile");
+    }
+    class_of_.assign((size_t) n_layer, -1);
+    slot_of_.assign((size_t) n_layer * (size_t) n_expert_, -1);
+    uses_.assign(slot_of_.size(), 0);
+    if (profile_.empty()) {
+        profile_.assign(slot_of_.size(), 0.0);
+    }
+
+    std::map<std::string, int32_t> by_key;
+    for (const auto & l : store.layers()) {
+        if (l.il < 0) {
+            continue;
+        }
+        const std::string key = format_key(l);
+        auto              it  = by_key.find(key);
+        if (it == by_key.end()) {
+            it = by_key.emplace(key, (int32_t) classes_.size()).first;
+            classes_.emplace_back();
+            classes_.back().slot_bytes = l.expert_bytes;
+        }
+        classes_[it->second].layers.push_back(l.il);
+        class_of_[l.il] = it->second;
+    }
+
+    // the same share of every class's experts, then what is left slot by slot
+    uint64_t total = 0;
+    for (const auto & pc : classes_) {
+        total += pc.slot_bytes * pc.layers.size() * (uint64_t) n_expert_;
+    }
+    const double         share = total ? std::min(1.0, (double) budget / (double) total) : 0.0;
+    std::vector<int32_t> slots(classes_.size(), 0);
+    std::vector<int32_t> cap(classes_.size(), 0);
+    for (size_t c = 0; c < classes_.size(); ++c) {
+        cap[c]   = (int32_t) classes_[c].layers.size() * n_expert_;
+        slots[c] = std::min(cap[c], (int32_t) (share * cap[c]));
+    }
+    auto size_of = [&](const std::vector<int32_t> & s) {
+        ggml_context_ptr ctx = make_pool_tensors(store, classes_, s);
+        return (uint64_t) ggml_backend_alloc_ctx_tensors_from_buft_size(ctx.get(), buft);
+    };
+    while (size_of(slots) > budget) {  // alignment padding can push the floor over the budget
+        auto biggest = std::max_element(slots.begin(), slots.end());
+        if (biggest == slots.end() || *biggest == 0) {
+            break;
+        }
+        --*biggest;
+    }
+    for (bool grew = true; grew;) {
+        grew = false;
+        for (size_t c = 0; c < classes_.size(); ++c) {
+            if (slots[c] >= cap[c]) {
+                continue;
+            }
+            ++slots[c];
+            if (size_of(slots) <= budget) {
+                grew = true;
+            } else {
+                --slots[c];
+            }
+        }
+    }
+
+    planned_bytes_ = size_of(slots);  // (before the final tensors: size_of rebuilds them in a scratch context)
+    ctx_           = make_pool_tensors(store, classes_, slots);
+    host_          = ggml_backend_buft_is_host(buft);
+    if (allocate && n_slots() > 0) {
+        buf_.reset(ggml_backend_alloc_ctx_tensors_from_buft(ctx_.get(), buft));
+        if (!buf_) {
+            throw std::runtime_error("cannot allocate " + std::to_string(size_of(slots) >> 20) + " MiB in " +
+                                     ggml_backend_buft_name(buft) +
+                                     " for the expert cache; hint: pass a smaller expert budget");
+        }
+        ggml_backend_buffer_set_usage(buf_.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        ggml_backend_buffer_clear(buf_.get(), 0);  // resident from the start: the budget is what it costs
+    }
+    for (auto & pc : classes_) {
+        pc.owner_layer.assign((size_t) pc.n_slots, -1);
+        pc.owner_expert.assign((size_t) pc.n_slots, -1);
+        pc.last_use.assign((size_t) pc.n_slots, 0);
+        pc.pinned_step.assign((size_t) pc.n_slots, 0);
+    }
+}
+
+int32_t expert_cache::n_slots() const {
+    int32_t n = 0;
+    for (const auto & pc : classes_) {
+        n += pc.n_slots;
+    }
+    return n;
+}
+
+uint64_t expert_cache::allocated_bytes() const {
+    return buf_ ? ggml_backend_buffer_get_size(buf_.get()) : 0;
+}
+
+void expert_cache::touch(int32_t il, int32_t e, uint64_t step) {
+    const int32_t slot = lookup(il, e);
+    if (slot < 0) {
+        return;
+    }
+    pool_class & pc      = classes_[class_of_[il]];
+    pc.last_use[slot]    = step;
+    pc.pinned_step[slot] = step;
+}
+
+int32_t expert_cache::assign(int32_t il, int32_t e, uint64_t step, bool * evicted) {
+    *evicted = false;
+    const int32_t c = class_of(il);
+    if (c < 0 || classes_[c].n_slots == 0) {
+        return -1;
+    }
+    if (lookup(il, e) >= 0) {
+        touch(il, e, step);
+        return lookup(il, e);
+    }
+    pool_class & pc   = classes_[c];
+    int32_t      slot = -1;
+    for (int32_t s = 0; s < pc.n_slots && slot < 0; ++s) {
+        if (pc.owner_layer[s] < 0) {
+            slot = s;
+        }
+    }
+    if (slot < 0) {
+        std::vector<slot_view> cands;
+        std::vector<int32_t>   cand_slot;
+        cands.reserve((size_t) pc.n_slots);
+        for (int32_t s = 0; s < pc.n_slots; ++s) {
+            if (pc.pinned_step[s] == step) {
+                continue;
+            }
+            const size_t i = index(pc.owner_layer[s], pc.owner_expert[s]);
+            cands.push_back({ pc.owner_layer[s], pc.owner_expert[s], pc.last_use[s], uses_[i], profile_[i] });
+            cand_slot.push_back(s);
+        }
+        if (cands.empty()) {
+            return -1;
+        }
+        slot = cand_slot[policy_->pick_victim(cands.data(), cands.size())];
+        slot_of_[index(pc.owner_layer[slot], pc.owner_expert[slot])] = -1;
+        *evicted = true;
+    }
+    pc.owner_layer[slot]  = il;
+    pc.owner_expert[slot] = e;
+    pc.last_use[slot]     = step;
+    pc.pinned_step[slot]  = step;
+    slot_of_[index(il, e)] = slot;
+    return slot;
+}
+
+std::vector<read_dst> expert_cache::slot_dst(int32_t c, int32_t slot, const expert_layer & layer) const {
+    std::vector<read_dst> out;
+    for (const auto & p : layer.projs) {
+        ggml_tensor * t = classes_[c].tensors[p.kind];
+        read_dst      d;
+        if (host_) {
+            d.host = static_cast<uint8_t *>(t->data) + (uint64_t) slot * t->nb[2];
+        } else {
+            d.tensor = t;
+            d.offset = (uint64_t) slot * t->nb[2];
+        }
+        out.push_back(d);
+    }
+    return out;
+}
+
+std::vector<std::pair<int32_t, int32_t>> expert_cache::hot_set() const {
+    std::vector<std::pair<int32_t, int32_t>> out;
+    for (const auto & pc : classes_) {
+        std::vector<std::pair<double, std::pair<int32_t, int32_t>>> ranked;
+        for (int32_t il : pc.layers) {
+            for (int32_t e = 0; e < n_expert_; ++e) {
+                ranked.push_back({ profile_[index(il, e)], { il, e } });
+            }
+        }
+        std::stable_sort(ranked.begin(), ranked.end(), [](const auto & a, const auto & b) { return a.first > b.first; });
+        for (int32_t i = 0; i < pc.n_slots && i < (int32_t) ranked.size(); ++i) {
+            out.push_back(ranked[i].second);
+        }
+    }
+    return out;
+}
+
+}  // namespace pymoe

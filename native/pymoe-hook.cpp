@@ -1,0 +1,69 @@
+// The llama_moe_hook: builds each MoE layer's experts as a pool branch and a
+// direct branch. The only pymoe file that includes llama.cpp internals
+// (src/llama-ext.h, the staging header our patch 0002 extends).
+#include "pymoe-engine.h"
+
+#include "ggml.h"
+#include "llama-ext.h"
+
+namespace pymoe {
+
+namespace {
+
+class moe_hook : public llama_moe_hook {
+  public:
+    explicit moe_hook(engine & eng) : eng_(eng) {}
+
+    ggml_tensor * build_experts(ggml_context * ctx, ggml_cgraph * gf, const llama_moe_layer & layer,
+                                const llama_moe_chain & chain) override {
+        GGML_UNUSED(gf);
+        const int32_t        il = layer.il;
+        const expert_layer * el = eng_.store().layer(il);
+        if (!el || layer.has_scales || layer.n_tokens > eng_.n_tokens_max() ||
+            layer.n_expert_used != eng_.plan_tensors(il).ids_pool->ne[0]) {
+            return nullptr;  // upstream builds this layer from the model's tensors
+        }
+        // the model's expert tensors are llama.cpp's lazy mapping of the file
+        ggml_tensor * model_w[PROJ_COUNT] = { layer.gate_exps, layer.up_exps, layer.down_exps, layer.gate_up_exps };
+        for (const auto & p : el->projs) {
+            ggml_tensor * t = model_w[p.kind];
+            GGML_ASSERT(t && t->type == p.type && t->ne[0] == p.ne[0] && t->ne[1] == p.ne[1] && t->ne[2] == p.ne[2]);
+            eng_.store().set_host(il, p.kind, static_cast<const uint8_t *>(t->data));
+        }
+        eng_.note_layer_built(il, layer.selected, layer.weights);
+
+        // views of the persistent plan tensors for this ubatch: [n_used, n_tokens]
+        const layer_plan_tensors & pt   = eng_.plan_tensors(il);
+        auto                       view = [&](ggml_tensor * t) {
+            return ggml_view_2d(ctx, t, t->ne[0], layer.n_tokens, t->nb[1], 0);
+        };
+
+        ggml_tensor * out = nullptr;
+        const int32_t c   = eng_.cache().class_of(il);
+        if (c >= 0 && eng_.cache().cls(c).n_slots > 0) {
+            ggml_tensor * const * pool = eng_.cache().cls(c).tensors;
+            out = chain(pool[PROJ_UP], pool[PROJ_GATE], pool[PROJ_DOWN], pool[PROJ_GATE_UP], view(pt.ids_pool),
+                        view(pt.ids_pool_b));  // [n_embd, n_used, n_tokens]
+        }
+        ggml_tensor * ids_direct = view(pt.ids_direct);
+        ggml_tensor * direct     = chain(layer.up_exps, layer.gate_exps, layer.down_exps, layer.gate_up_exps,
+                                         ids_direct, ids_direct);  // [n_embd, n_used, n_tokens]
+        // every pair belongs to one branch and the other's row is zero: the sum is exact
+        return out ? ggml_add(ctx, out, direct) : direct;
+    }
+
+  private:
+    engine & eng_;
+};
+
+}  // namespace
+
+llama_moe_hook * make_moe_hook(engine & eng) {
+    return new moe_hook(eng);
+}
+
+void engine::hook_deleter::operator()(llama_moe_hook * h) const {
+    delete h;
+}
+
+}  // namespace pymoe

@@ -1,0 +1,226 @@
+"""Expert-offload settings: budgets, the automatic budget, and stats summaries.
+
+The engine itself is native (native/pymoe-engine.*); this module turns user
+input ("6GiB", 0.5, "auto") into bytes and the engine's counters into
+readable summaries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from .gguf_info import GGUFSummary
+
+OFFLOAD_MODES = ("auto", "on", "off")
+POLICIES = tuple(_core.policy_names())
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'6GiB', '512 MiB', '1.5G', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size; hint: write e.g. 6GiB, 512MiB, 2.5G or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_budget(value: str | float | int | None, expert_bytes: int) -> int | None:
+    """The expert budget in bytes; None for "auto".
+
+    A float in (0, 1] or "NN%" is a share of the model's expert bytes; an int
+    or a string with a unit is bytes."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    if isinstance(value, bool):
+        raise ValueError("expert_budget must be a size, a fraction or 'auto'")
+    if isinstance(value, float) or (isinstance(value, str) and value.strip().endswith("%")):
+        share = float(str(value).strip().rstrip("%")) / (100.0 if str(value).strip().endswith("%") else 1.0)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"an expert budget share must be between 0 and 1 (or 0% and 100%), got {value!r}")
+        return int(share * expert_bytes)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("the expert budget cannot be negative")
+        return value
+    return parse_size(value)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory() -> int:
+    """Bytes this process may still use: MemAvailable, capped by a cgroup memory limit (v1 or v2)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    # the cgroup of this process
+    limits = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, rel = line.split(":", 2)
+            if controllers == "":  # v2
+                base = f"/sys/fs/cgroup{rel}"
+                limit, usage = _read_int(f"{base}/memory.max"), _read_int(f"{base}/memory.current")
+            elif "memory" in controllers.split(","):  # v1
+                base = f"/sys/fs/cgroup/memory{rel}"
+                limit = _read_int(f"{base}/memory.limit_in_bytes")
+                usage = _read_int(f"{base}/memory.usage_in_bytes")
+            else:
+                continue
+            if limit is not None and limit < (1 << 60):
+                limits.append(limit - (usage or 0))
+    except (OSError, ValueError):
+        pass
+    return max(0, min([avail, *limits]))
+
+
+def kv_cache_bytes(summary: GGUFSummary, n_ctx: int, bytes_per_value: float = 2.0) -> int:
+    """An estimate of the KV cache of `n_ctx` tokens from the model's metadata."""
+    meta, arch = summary.metadata, summary.architecture
+
+    def get(key: str, default: int = 0) -> int:
+        v = meta.get(f"{arch}.{key}", default)
+        return int(v) if isinstance(v, (int, float)) else default
+
+    n_embd = get("embedding_length")
+    n_head = max(1, get("attention.head_count", 1))
+    n_head_kv = get("attention.head_count_kv", n_head) or n_head
+    k_len = get("attention.key_length", n_embd // n_head)
+    v_len = get("attention.value_length", n_embd // n_head)
+    return int(summary.n_layer * n_ctx * n_head_kv * (k_len + v_len) * bytes_per_value)
+
+
+def auto_budget(summary: GGUFSummary, n_ctx: int) -> int:
+    """What is left of the available memory for expert slots after the rest
+    of the model, the KV cache and a reserve for compute buffers (1/8 of the
+    rest, at least 256 MiB)."""
+    other = summary.other_bytes + kv_cache_bytes(summary, n_ctx)
+    free = available_memory() - other
+    reserve = max(256 << 20, free // 8)
+    return max(0, free - reserve)
+
+
+@dataclass
+class OffloadConfig:
+    """How a model is loaded: `enabled` and the byte `budget` the engine gets."""
+
+    enabled: bool
+    budget: int
+    policy: str
+    reason: str  # why offload is on or off, for messages
+
+    @classmethod
+    def resolve(
+        cls,
+        summary: GGUFSummary,
+        *,
+        offload: str = "auto",
+        expert_budget: str | float | int | None = "auto",
+        policy: str = "lru",
+        n_ctx: int = 4096,
+    ) -> OffloadConfig:
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r}; hint: use one of {', '.join(POLICIES)}")
+        if offload == "off":
+            return cls(False, 0, policy, "offload is off")
+        if not summary.is_moe:
+            if offload == "on":
+                raise ValueError(f"'{summary.path}' is a dense model: there are no experts to offload")
+            return cls(False, 0, policy, "a dense model: no experts to offload")
+        budget = parse_budget(expert_budget, summary.expert_bytes)
+        explicit = budget is not None
+        if budget is None:
+            budget = auto_budget(summary, n_ctx)
+        if offload == "auto" and budget >= summary.expert_bytes:
+            return cls(False, budget, policy, "every expert fits the budget: the model runs fully resident")
+        how = "given" if explicit else "from the free memory"
+        return cls(True, min(budget, summary.expert_bytes), policy, f"expert budget {budget} bytes ({how})")
+
+
+TIERS = ("auto", "disk", "host")
+
+
+def resolve_tier(tier: str) -> str:
+    """'auto': the host tier when this build has a GPU fast tier, else the disk tier."""
+    if tier not in TIERS:
+        raise ValueError(f"offload tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    if tier == "auto":
+        return "host" if _core.supports_gpu_offload() else "disk"
+    return tier
+
+
+def summarize_stats(raw: dict[str, Any], tokens: int | None = None) -> dict[str, Any]:
+    """Totals and per-layer lists from the engine's counters."""
+    layers = raw["layers"]
+    keys = (
+        "steps",
+        "pairs",
+        "hits",
+        "misses",
+        "loads",
+        "direct",
+        "evictions",
+        "pool_pairs",
+        "direct_pairs",
+        "bytes_loaded",
+        "bytes_direct",
+        "load_seconds",
+        "plan_seconds",
+    )
+    total = {k: sum(layer[k] for layer in layers) for k in keys}
+    lookups = total["hits"] + total["misses"]
+    out: dict[str, Any] = {
+        "tier": raw["tier"],
+        "policy": raw["policy"],
+        "budget": raw["budget"],
+        "pool_bytes": raw["pool_bytes"],
+        "n_slots": raw["n_slots"],
+        "read_bandwidth": raw["read_bandwidth"],
+        "hit_rate": total["hits"] / lookups if lookups else 0.0,
+        "pool_share": total["pool_pairs"] / total["pairs"] if total["pairs"] else 0.0,
+        **total,
+        "per_layer": {
+            "hit_rate": [
+                (lay["hits"] / (lay["hits"] + lay["misses"])) if lay["hits"] + lay["misses"] else None for lay in layers
+            ],
+            "loads": [lay["loads"] for lay in layers],
+            "direct": [lay["direct"] for lay in layers],
+        },
+    }
+    if tokens:
+        out["bytes_moved_per_token"] = (total["bytes_loaded"] + total["bytes_direct"]) / tokens
+    return out
