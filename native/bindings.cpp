@@ -279,7 +279,8 @@ PYBIND11_MODULE(_core, mod) {
                          int32_t n_threads, int32_t n_gpu_layers, bool use_mmap, bool flash_attn,
                          const std::string & cache_type, bool offload, uint64_t expert_budget,
                          const std::string & policy, const std::vector<double> & profile, bool direct_io,
-                         int32_t io_threads, const std::string & offload_tier, bool cpu_assist) {
+                         int32_t io_threads, const std::string & offload_tier, bool cpu_assist,
+                         const std::vector<int32_t> & replay) {
                  pymoe::model_params p;
                  p.path         = path;
                  p.n_ctx        = n_ctx;
@@ -299,6 +300,7 @@ PYBIND11_MODULE(_core, mod) {
                  p.offload.io_threads = io_threads;
                  p.offload.tier       = offload_tier;
                  p.offload.cpu_assist = cpu_assist;
+                 p.offload.replay     = replay;
                  return std::make_unique<py_model>(p);
              }),
              py::arg("path"), py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_ubatch") = 512,
@@ -306,7 +308,8 @@ PYBIND11_MODULE(_core, mod) {
              py::arg("use_mmap") = true, py::arg("flash_attn") = false, py::arg("cache_type") = "f16",
              py::arg("offload") = false, py::arg("expert_budget") = 0, py::arg("policy") = "lru",
              py::arg("profile") = std::vector<double>(), py::arg("direct_io") = true, py::arg("io_threads") = 4,
-             py::arg("offload_tier") = "disk", py::arg("cpu_assist") = true)
+             py::arg("offload_tier") = "disk", py::arg("cpu_assist") = true,
+             py::arg("replay") = std::vector<int32_t>())
         .def("close", &py_model::close)
         .def_property_readonly("closed", &py_model::closed)
         // vocab

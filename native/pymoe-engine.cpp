@@ -73,6 +73,20 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
     }
     ggml_backend_buffer_clear(ids_buf_.get(), 0xFF);  // -1 everywhere until a plan is written
 
+    if (!params.replay.empty()) {
+        const size_t row = (size_t) n_layer * (size_t) n_expert_used;
+        if (params.replay.size() % row != 0) {
+            throw std::invalid_argument("the replay trace is not [rows, " + std::to_string(n_layer) + ", " +
+                                        std::to_string(n_expert_used) + "]; hint: fit it to the model's layers and top-k");
+        }
+        for (int32_t e : params.replay) {
+            if (e < 0 || e >= n_expert) {
+                throw std::invalid_argument("the replay trace names expert " + std::to_string(e) + " of a model with " +
+                                            std::to_string(n_expert));
+            }
+        }
+        replay_cursor_.assign((size_t) n_layer, 0);
+    }
     route_selected_.assign((size_t) n_layer, nullptr);
     route_weights_.assign((size_t) n_layer, nullptr);
     layer_stats_.assign((size_t) n_layer, layer_stats{});
@@ -207,6 +221,18 @@ void engine::on_route(int32_t il) {
     try {
         read_ids(sel_t, sel_);
         read_weights(w_t, w_);
+        if (!replay_cursor_.empty()) {
+            // benchmark mode: the trace's experts replace the router's choice
+            const uint64_t rows = params_.replay.size() / ((size_t) n_layer_ * (size_t) n_used);
+            for (int64_t t = 0; t < n_tokens; ++t) {
+                const uint64_t row = (replay_cursor_[il] + (uint64_t) t) % rows;
+                for (int64_t i = 0; i < n_used; ++i) {
+                    sel_[(size_t) (t * n_used + i)] =
+                        params_.replay[(row * (uint64_t) n_layer_ + (uint64_t) il) * (uint64_t) n_used + (uint64_t) i];
+                }
+            }
+            replay_cursor_[il] += (uint64_t) n_tokens;
+        }
 
         // the distinct experts of this step
         std::vector<planned_expert> experts;

@@ -94,6 +94,7 @@ class engine {
     std::vector<ggml_tensor *>      route_weights_;
 
     uint64_t                                 step_ = 0;
+    std::vector<uint64_t>                    replay_cursor_; // [n_layer] next trace row
     std::vector<std::pair<int32_t, int32_t>> pending_release_;
     std::string                              error_;
 

@@ -137,6 +137,11 @@ struct offload_params {
                                              // every miss takes a slot while slots remain
     bool                direct_io  = true;   // O_DIRECT for slot loads, falls back to buffered reads
     int32_t             io_threads = 4;      // parallel reads when a layer misses several experts
+    // Benchmark mode, never on by default: the experts of every (token, layer)
+    // come from a recorded trace instead of the router, so a model with random
+    // weights sees a real model's access pattern. [rows, n_layer, n_expert_used],
+    // row-major; replayed in order, wrapping around.
+    std::vector<int32_t> replay;
 };
 
 struct layer_stats {

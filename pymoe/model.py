@@ -124,6 +124,10 @@ class Model:
     cpu_assist: let the planner compute a missed expert where its weights are
         when that is cheaper than loading it (Fiddler); False: always load.
     direct_io: read slots with O_DIRECT (disk tier).
+    replay: BENCHMARK MODE, never for real use: expert ids [rows, n_layer,
+        n_expert_used] (e.g. ``pymoe.traces.load_trace(f).fit(...)``) that
+        replace the router's choices, so that a model with random weights
+        sees a real model's access pattern. The outputs are meaningless.
     verbose: let llama.cpp log to stderr.
     """
 
@@ -146,6 +150,7 @@ class Model:
         offload_tier: str = "auto",
         cpu_assist: bool = True,
         direct_io: bool = True,
+        replay: Any = None,
         verbose: bool = False,
     ) -> None:
         self.path = Path(path)
@@ -161,6 +166,16 @@ class Model:
             n_ctx=n_ctx or min(int(ctx_train) if isinstance(ctx_train, int) else 4096, 4096),
         )
         profile_list = np.asarray(profile, dtype=np.float64).ravel().tolist() if profile is not None else []
+        if replay is not None:
+            if not self.offload.enabled:
+                raise ValueError("replaying a routing trace needs the offload engine: pass offload='on'")
+            replay = np.asarray(replay, dtype=np.int32)
+            want = (self._summary.n_layer, self._summary.n_expert_used)
+            if replay.ndim != 3 or replay.shape[1:] != want:
+                raise ValueError(
+                    f"the replay trace has shape {replay.shape}; this model needs [rows, {want[0]}, {want[1]}]; "
+                    "hint: Trace.fit(n_layer, n_expert, k) builds one"
+                )
         self._native = _core.Model(
             str(self.path),
             n_ctx=n_ctx,
@@ -178,6 +193,7 @@ class Model:
             direct_io=direct_io,
             offload_tier=resolve_tier(offload_tier),
             cpu_assist=cpu_assist,
+            replay=np.asarray(replay, dtype=np.int32).ravel().tolist() if replay is not None else [],
         )
         self._lock = threading.RLock()
         self._past: list[int] = []  # tokens whose KV cache sequence 0 holds, in order

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,42 @@ def test_chat_stats_show_the_cache(demo_gguf):
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stderr[proc.stderr.index("{") :])
     assert stats["offload"]["n_slots"] == 120 and stats["offload"]["hit_rate"] > 0
+
+
+def test_replay_mode_routes_by_the_trace(tiny):
+    """Benchmark mode: a trace's experts replace the router's, token by token and layer by layer."""
+    path = tiny.gguf("mixtral")
+    ids = np.random.default_rng(3).integers(0, 8, (20, 4, 2)).astype(np.int32)  # [rows, n_layer, k]
+    with Model(path, offload="on", expert_budget=0.5, replay=ids) as m:
+        m.logits(list(range(12)))  # one batch: rows 0..11
+        for i in range(8):  # then token by token: rows 12..19
+            m.next_token_logits(list(range(12 + i + 1)))
+        pairs = m.offload_stats(raw=True)["expert_pairs"]
+    expected = np.zeros((4, 8), np.uint64)
+    for il in range(4):
+        np.add.at(expected[il], ids[:, il, :].ravel(), 1)
+    np.testing.assert_array_equal(pairs, expected)
+    with pytest.raises(ValueError, match="offload"):
+        Model(path, offload="off", replay=ids)
+    with pytest.raises(ValueError, match="replay trace"):
+        Model(path, offload="on", expert_budget=0.5, replay=ids[:, :3])
+
+
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+
+
+@pytest.mark.skipif(not TRACES.is_dir(), reason="the shared routing traces are not beside this checkout")
+def test_real_traces_load():
+    from pymoe.traces import load_trace
+
+    mixtral = load_trace(TRACES / "mixtral8x7b-instruct-fp8_humaneval-p0-1_decode.jsonl")
+    assert mixtral.experts.shape == (333, 32, 2) and mixtral.sequences == [(0, 81), (81, 333)]
+    assert mixtral.n_expert == 8 and np.allclose(mixtral.weights.sum(-1), 1.0, atol=1e-3)
+    assert mixtral.fit(n_layer=16, n_expert=8, k=2).shape == (333, 16, 2)
+    with pytest.raises(ValueError, match="routing shape"):
+        mixtral.fit(n_layer=4, n_expert=16, k=2)
+    qwen = load_trace(
+        sorted(p for p in TRACES.glob("qwen1.5-moe-a2.7b-chat_gsm8k25_layer*.jsonl") if "run2" not in p.name)
+    )
+    assert qwen.layers == [0, 8, 12, 18, 23] and qwen.experts.shape[1:] == (5, 4) and qwen.n_expert == 60
+    assert qwen.n_tokens == 12805 - 8448  # the server's warm-up rows are dropped
