@@ -62,6 +62,7 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
         auto make = [&](const char * what) {
             ggml_tensor * t = ggml_new_tensor_2d(ids_ctx_.get(), GGML_TYPE_I32, n_expert_used, n_tokens_max);
             ggml_format_name(t, "pymoe_%s-%d", what, il);
+            t->flags |= GGML_TENSOR_FLAG_SKIP_IDS;  // -1 skips a pair: backends take their skip-aware path
             return t;
         };
         plan_tensors_[il] = { make("ids_pool"), make("ids_pool_b"), make("ids_direct") };

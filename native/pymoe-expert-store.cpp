@@ -22,6 +22,7 @@ namespace {
 
 constexpr uint64_t k_align = 4096;            // O_DIRECT alignment (file offset, length, buffer)
 constexpr uint64_t k_chunk = 8ull << 20;      // one read request; bounds the bounce buffers
+constexpr uint64_t k_release_margin = 128 << 10;  // > the kernel's fault-around window (64 KiB by default)
 
 uint64_t align_down(uint64_t x) { return x & ~(k_align - 1); }
 uint64_t align_up(uint64_t x) { return (x + k_align - 1) & ~(k_align - 1); }
@@ -361,16 +362,19 @@ void expert_store::release(int32_t il, int32_t e) const {
     const uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
     for (const auto & p : l->projs) {
         const uint64_t off = p.file_offset + (uint64_t) e * p.expert_bytes;
+        // Outward, by whole pages and by the kernel's fault-around window (a fault maps
+        // neighbouring cached pages too); a neighbour in use just faults its pages in again.
+        const uint64_t margin = k_release_margin;
         if (p.host) {
             // drop our page table entries first: the page cache keeps pages that are mapped
-            const uintptr_t a  = (uintptr_t) (p.host + (uint64_t) e * p.expert_bytes);
-            const uintptr_t a0 = (a + page - 1) & ~(uintptr_t) (page - 1);  // inward: neighbours may be in use
-            const uintptr_t b0 = (a + p.expert_bytes) & ~(uintptr_t) (page - 1);
-            if (b0 > a0) {
-                madvise((void *) a0, b0 - a0, MADV_DONTNEED);
-            }
+            const uintptr_t lo = (uintptr_t) p.host, hi = lo + p.expert_bytes * (uint64_t) n_expert_;
+            const uintptr_t a  = lo + (uint64_t) e * p.expert_bytes;
+            const uintptr_t a0 = std::max(lo, a > margin ? a - margin : 0) & ~(uintptr_t) (page - 1);
+            const uintptr_t b0 = (std::min(hi, a + p.expert_bytes + margin) + page - 1) & ~(uintptr_t) (page - 1);
+            madvise((void *) a0, b0 - a0, MADV_DONTNEED);
         }
-        posix_fadvise(fd_, (off_t) off, (off_t) p.expert_bytes, POSIX_FADV_DONTNEED);
+        const uint64_t off0 = (off > margin ? off - margin : 0) & ~(page - 1);
+        posix_fadvise(fd_, (off_t) off0, (off_t) (off + p.expert_bytes + margin - off0), POSIX_FADV_DONTNEED);
     }
 }
 

@@ -51,6 +51,13 @@ def main() -> int:
 
     fetch = load_fetch_tool()
     earlier = [p for p in fetch.patches(patch.parent) if p.name < patch.name]
+    for later in (p for p in fetch.patches(patch.parent) if p.name > patch.name):
+        shared = set(files) & set(re.findall(r"^diff --git a/(\S+) b/", later.read_text(), flags=re.M))
+        if shared:
+            # the working tree holds the later patch's edits too; they would be folded into this one
+            print(f"{', '.join(sorted(shared))} also changed by {later.name}: edit that file's hunks of "
+                  f"{patch.name} by hand, or regenerate the patches from the last one down", file=sys.stderr)
+            return 1
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         fetch.extract(fetch.download_sdist(), base)
