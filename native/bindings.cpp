@@ -4,6 +4,7 @@
 
 #include "pymoe-planner.h"
 #include "pymoe-policy.h"
+#include "pymoe-prefetch.h"
 
 #include "ggml.h"
 #include "llama.h"
@@ -13,6 +14,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <optional>
 #include <stdexcept>
 
 namespace py = pybind11;
@@ -91,7 +93,12 @@ py::dict layer_stats_to_py(const pymoe::layer_stats & l) {
                     py::arg("evictions") = l.evictions, py::arg("pool_pairs") = l.pool_pairs,
                     py::arg("direct_pairs") = l.direct_pairs, py::arg("bytes_loaded") = l.bytes_loaded,
                     py::arg("bytes_direct") = l.bytes_direct, py::arg("load_seconds") = l.load_seconds,
-                    py::arg("plan_seconds") = l.plan_seconds);
+                    py::arg("plan_seconds") = l.plan_seconds, py::arg("hits_lo") = l.hits_lo,
+                    py::arg("loads_lo") = l.loads_lo, py::arg("lo_pairs") = l.lo_pairs, py::arg("upgrades") = l.upgrades,
+                    py::arg("bytes_loaded_lo") = l.bytes_loaded_lo, py::arg("prefetch_predicted") = l.prefetch_predicted,
+                    py::arg("prefetch_correct") = l.prefetch_correct, py::arg("prefetch_missed") = l.prefetch_missed,
+                    py::arg("prefetch_loads") = l.prefetch_loads, py::arg("prefetch_bytes") = l.prefetch_bytes,
+                    py::arg("prefetch_wait_seconds") = l.prefetch_wait_seconds);
 }
 
 py::dict offload_stats_to_py(const pymoe::offload_stats & s) {
@@ -104,7 +111,10 @@ py::dict offload_stats_to_py(const pymoe::offload_stats & s) {
     return py::dict(py::arg("tier") = s.tier, py::arg("budget") = s.budget, py::arg("pool_bytes") = s.pool_bytes,
                     py::arg("n_slots") = s.n_slots, py::arg("n_layer") = s.n_layer, py::arg("n_expert") = s.n_expert,
                     py::arg("policy") = s.policy, py::arg("read_bandwidth") = s.read_bandwidth,
-                    py::arg("layers") = layers, py::arg("expert_pairs") = pairs);
+                    py::arg("layers") = layers, py::arg("expert_pairs") = pairs,
+                    py::arg("pool_bytes_lo") = s.pool_bytes_lo, py::arg("n_slots_lo") = s.n_slots_lo,
+                    py::arg("lo_threshold") = s.lo_threshold, py::arg("prefetch") = s.prefetch,
+                    py::arg("prefetch_busy_seconds") = s.prefetch_busy_seconds);
 }
 
 py::array_t<float> decode(py_model & self, const i32_array & tokens, const i32_array & pos, const i32_array & seq,
@@ -215,31 +225,38 @@ PYBIND11_MODULE(_core, mod) {
     mod.def("policy_names", &pymoe::eviction_policy_names);
     mod.def(
         "policy_pick_victim",
-        [](const std::string & name, const std::vector<std::tuple<int32_t, int32_t, uint64_t, uint64_t, double>> & slots) {
+        [](const std::string & name,
+           const std::vector<std::tuple<int32_t, int32_t, uint64_t, uint64_t, double, uint64_t>> & slots,
+           const std::tuple<double, double, double> & weights) {
             if (slots.empty()) {
                 throw std::invalid_argument("policy_pick_victim: no candidates");
             }
             std::vector<pymoe::slot_view> v;
-            for (const auto & [layer, expert, last_use, uses, profile] : slots) {
-                v.push_back({ layer, expert, last_use, uses, profile });
+            for (const auto & [layer, expert, last_use, uses, profile, hi_uses] : slots) {
+                v.push_back({ layer, expert, last_use, uses, profile, hi_uses });
             }
-            return pymoe::make_eviction_policy(name)->pick_victim(v.data(), v.size());
+            const auto [wr, wf, wp] = weights;
+            return pymoe::make_eviction_policy(name, { wr, wf, wp })->pick_victim(v.data(), v.size());
         },
-        py::arg("policy"), py::arg("slots"),
-        "Index of the slot the policy evicts; slots = [(layer, expert, last_use, uses, profile)].");
+        py::arg("policy"), py::arg("slots"), py::arg("weights") = std::make_tuple(1.0, 1.0, 1.0),
+        "Index of the slot the policy evicts; slots = [(layer, expert, last_use, uses, profile, hi_uses)].");
     mod.def(
         "policy_admits_on_miss", [](const std::string & name) { return pymoe::make_eviction_policy(name)->admits_on_miss(); },
         py::arg("policy"));
     mod.def(
         "plan_layer",
-        [](const std::vector<std::tuple<int32_t, int32_t, float, bool>> & experts, int32_t capacity, bool admit,
+        [](const std::vector<std::tuple<int32_t, int32_t, float, bool, bool>> & experts, int32_t capacity, bool admit,
            uint64_t expert_bytes, double flops_per_token, double read_bw, double direct_bw, double fast_flops,
-           double slow_flops, double reuse, bool assist) {
+           double slow_flops, double reuse, bool assist, int32_t capacity_lo, float lo_threshold,
+           uint64_t expert_bytes_lo) {
             pymoe::plan_request req;
-            for (const auto & [e, n, w, cached] : experts) {
-                req.experts.push_back({ e, n, w, cached });
+            for (const auto & [e, n, w, cached, cached_lo] : experts) {
+                req.experts.push_back({ e, n, w, cached, cached_lo });
             }
             req.capacity        = capacity;
+            req.capacity_lo     = capacity_lo;
+            req.lo_threshold    = lo_threshold;
+            req.expert_bytes_lo = expert_bytes_lo;
             req.admit           = admit;
             req.assist          = assist;
             req.expert_bytes    = expert_bytes;
@@ -254,7 +271,22 @@ PYBIND11_MODULE(_core, mod) {
         py::arg("experts"), py::arg("capacity"), py::arg("admit") = true, py::arg("expert_bytes") = 0,
         py::arg("flops_per_token") = 0.0, py::arg("read_bw") = 0.0, py::arg("direct_bw") = 0.0,
         py::arg("fast_flops") = 0.0, py::arg("slow_flops") = 0.0, py::arg("reuse") = 1.0, py::arg("assist") = true,
-        "Actions (0 hit, 1 load, 2 direct) for experts = [(expert, n_tokens, weight, cached)].");
+        py::arg("capacity_lo") = 0, py::arg("lo_threshold") = 0.0f, py::arg("expert_bytes_lo") = 0,
+        "Actions (0 hit, 1 load, 2 direct, 3 hit low, 4 load low) for experts = "
+        "[(expert, n_tokens, max weight, cached, cached low)].");
+    mod.def(
+        "router_topk",
+        [](const f32_array & w, const f32_array & x, int32_t k, int32_t gating, std::optional<f32_array> bias) {
+            if (w.ndim() != 2 || x.ndim() != 2 || w.shape(1) != x.shape(1)) {
+                throw std::invalid_argument("router_topk: w [n_expert, n_embd] and x [n_tokens, n_embd]");
+            }
+            std::vector<pymoe::predicted_expert> out;
+            pymoe::router_topk(w.data(), bias ? bias->data() : nullptr, gating, w.shape(0), w.shape(1), x.data(),
+                               x.shape(0), k, out);
+            return out;
+        },
+        py::arg("w"), py::arg("x"), py::arg("k"), py::arg("gating") = 1, py::arg("bias") = py::none(),
+        "The predictor's top-k: [(expert, largest normalised weight)] over the tokens of x.");
 
     mod.def(
         "offload_plan",
@@ -280,7 +312,9 @@ PYBIND11_MODULE(_core, mod) {
                          const std::string & cache_type, bool offload, uint64_t expert_budget,
                          const std::string & policy, const std::vector<double> & profile, bool direct_io,
                          int32_t io_threads, const std::string & offload_tier, bool cpu_assist,
-                         const std::vector<int32_t> & replay) {
+                         const std::vector<int32_t> & replay, const std::string & lo_path, double lo_share,
+                         float lo_threshold, bool prefetch, int32_t prefetch_depth, int32_t prefetch_max_tokens,
+                         const std::tuple<double, double, double> & multidim) {
                  pymoe::model_params p;
                  p.path         = path;
                  p.n_ctx        = n_ctx;
@@ -301,6 +335,13 @@ PYBIND11_MODULE(_core, mod) {
                  p.offload.tier       = offload_tier;
                  p.offload.cpu_assist = cpu_assist;
                  p.offload.replay     = replay;
+                 p.offload.lo_path             = lo_path;
+                 p.offload.lo_share            = lo_share;
+                 p.offload.lo_threshold        = lo_threshold;
+                 p.offload.prefetch            = prefetch;
+                 p.offload.prefetch_depth      = prefetch_depth;
+                 p.offload.prefetch_max_tokens = prefetch_max_tokens;
+                 std::tie(p.offload.w_recency, p.offload.w_frequency, p.offload.w_precision) = multidim;
                  return std::make_unique<py_model>(p);
              }),
              py::arg("path"), py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_ubatch") = 512,
@@ -309,7 +350,9 @@ PYBIND11_MODULE(_core, mod) {
              py::arg("offload") = false, py::arg("expert_budget") = 0, py::arg("policy") = "lru",
              py::arg("profile") = std::vector<double>(), py::arg("direct_io") = true, py::arg("io_threads") = 4,
              py::arg("offload_tier") = "disk", py::arg("cpu_assist") = true,
-             py::arg("replay") = std::vector<int32_t>())
+             py::arg("replay") = std::vector<int32_t>(), py::arg("lo_path") = "", py::arg("lo_share") = 0.25,
+             py::arg("lo_threshold") = 0.0f, py::arg("prefetch") = false, py::arg("prefetch_depth") = 1,
+             py::arg("prefetch_max_tokens") = 4, py::arg("multidim") = std::make_tuple(1.0, 1.0, 1.0))
         .def("close", &py_model::close)
         .def_property_readonly("closed", &py_model::closed)
         // vocab

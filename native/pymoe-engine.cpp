@@ -25,14 +25,62 @@ double seconds_since(clock_type::time_point t0) {
 
 constexpr const char * k_route_prefix = "pymoe_route-";
 
+void accumulate(layer_stats & acc, const layer_stats & s) {
+    acc.steps += s.steps;
+    acc.pairs += s.pairs;
+    acc.hits += s.hits;
+    acc.misses += s.misses;
+    acc.loads += s.loads;
+    acc.direct += s.direct;
+    acc.evictions += s.evictions;
+    acc.pool_pairs += s.pool_pairs;
+    acc.direct_pairs += s.direct_pairs;
+    acc.bytes_loaded += s.bytes_loaded;
+    acc.bytes_direct += s.bytes_direct;
+    acc.load_seconds += s.load_seconds;
+    acc.plan_seconds += s.plan_seconds;
+    acc.hits_lo += s.hits_lo;
+    acc.loads_lo += s.loads_lo;
+    acc.lo_pairs += s.lo_pairs;
+    acc.upgrades += s.upgrades;
+    acc.bytes_loaded_lo += s.bytes_loaded_lo;
+    acc.prefetch_predicted += s.prefetch_predicted;
+    acc.prefetch_correct += s.prefetch_correct;
+    acc.prefetch_missed += s.prefetch_missed;
+    acc.prefetch_loads += s.prefetch_loads;
+    acc.prefetch_bytes += s.prefetch_bytes;
+    acc.prefetch_wait_seconds += s.prefetch_wait_seconds;
+}
+
+// the sidecar must hold the same experts as the main file, in any type
+void check_sidecar_layout(const expert_store & main, const expert_store & lo) {
+    for (const auto & l : main.layers()) {
+        if (l.il < 0) {
+            continue;
+        }
+        const expert_layer * s = lo.layer(l.il);
+        bool                 ok = s && s->projs.size() == l.projs.size();
+        for (size_t i = 0; ok && i < l.projs.size(); ++i) {
+            ok = s->projs[i].kind == l.projs[i].kind && s->projs[i].ne[0] == l.projs[i].ne[0] &&
+                 s->projs[i].ne[1] == l.projs[i].ne[1];
+        }
+        if (!ok) {
+            throw std::invalid_argument("the sidecar '" + lo.path() + "' does not hold the experts of layer " +
+                                        std::to_string(l.il) + " of '" + main.path() +
+                                        "'; hint: build the sidecar from this model (pymoe convert --sidecar-only)");
+        }
+    }
+}
+
 }  // namespace
 
 engine::engine(const std::string & path, const offload_params & params, int32_t n_layer, int32_t n_expert,
-               int32_t n_expert_used, int32_t n_tokens_max, ggml_backend_buffer_type_t buft_fast)
+               int32_t n_expert_used, int64_t n_embd, int32_t n_tokens_max, ggml_backend_buffer_type_t buft_fast)
     : params_(params),
       n_layer_(n_layer),
       n_expert_(n_expert),
       n_expert_used_(n_expert_used),
+      n_embd_(n_embd),
       n_tokens_max_(n_tokens_max) {
     if (n_expert <= 0 || n_expert_used <= 0) {
         throw std::invalid_argument("'" + path +
@@ -41,17 +89,35 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
     if (params.tier != "disk" && params.tier != "host") {
         throw std::invalid_argument("unknown offload tier '" + params.tier + "'; hint: use disk or host");
     }
+    if (params.lo_share < 0.0 || params.lo_share > 1.0 || params.lo_threshold < 0.0f) {
+        throw std::invalid_argument("lo_share must be in [0, 1] and lo_threshold >= 0");
+    }
     release_direct_ = params.tier == "disk";
     store_ = std::make_unique<expert_store>(path, n_layer, n_expert, params.direct_io, params.io_threads,
                                             params.tier == "host");
-    cache_ = std::make_unique<expert_cache>(*store_, params.budget, buft_fast, make_eviction_policy(params.policy),
-                                            params.profile);
+    const multidim_weights mw{ params.w_recency, params.w_frequency, params.w_precision };
+    uint64_t budget_hi = params.budget;
+    if (!params.lo_path.empty()) {
+        store_lo_ = std::make_unique<expert_store>(params.lo_path, n_layer, n_expert, params.direct_io,
+                                                   params.io_threads, false);
+        check_sidecar_layout(*store_, *store_lo_);
+        const uint64_t budget_lo = (uint64_t) (params.lo_share * (double) params.budget);
+        budget_hi -= budget_lo;
+        cache_lo_ = std::make_unique<expert_cache>(store_lo_->layers(), n_expert, budget_lo, buft_fast,
+                                                   make_eviction_policy(params.policy, mw), params.profile);
+    }
+    cache_ = std::make_unique<expert_cache>(store_->layers(), n_expert, budget_hi, buft_fast,
+                                            make_eviction_policy(params.policy, mw), params.profile);
+    if (params.prefetch) {
+        predictor_ = std::make_unique<router_predictor>(n_layer, n_embd);
+        loader_    = std::make_unique<async_loader>(std::max(1, params.io_threads / 2));
+    }
     hook_.reset(make_moe_hook(*this));
 
     // persistent id tensors: written by on_route, read by the layer's matmuls
     // (not graph inputs: the scheduler copies inputs before a split starts,
     // which is before the callback has written them)
-    const size_t     n_tensors = (size_t) n_layer * 3;
+    const size_t     n_tensors = (size_t) n_layer * 5;
     ggml_init_params ip        = { ggml_tensor_overhead() * (n_tensors + 1), nullptr, true };
     ids_ctx_.reset(ggml_init(ip));
     plan_tensors_.resize((size_t) n_layer);
@@ -60,12 +126,14 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
             continue;
         }
         auto make = [&](const char * what) {
+            // [n_used, n_tokens_max]
             ggml_tensor * t = ggml_new_tensor_2d(ids_ctx_.get(), GGML_TYPE_I32, n_expert_used, n_tokens_max);
             ggml_format_name(t, "pymoe_%s-%d", what, il);
             t->flags |= GGML_TENSOR_FLAG_SKIP_IDS;  // -1 skips a pair: backends take their skip-aware path
             return t;
         };
-        plan_tensors_[il] = { make("ids_pool"), make("ids_pool_b"), make("ids_direct") };
+        plan_tensors_[il] = { make("ids_pool"), make("ids_pool_b"), make("ids_lo"), make("ids_lo_b"),
+                              make("ids_direct") };
     }
     // the fast tier is host memory here (the CPU backend reads the ids)
     ids_buf_.reset(ggml_backend_alloc_ctx_tensors_from_buft(ids_ctx_.get(), ggml_backend_cpu_buffer_type()));
@@ -78,24 +146,30 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
         const size_t row = (size_t) n_layer * (size_t) n_expert_used;
         if (params.replay.size() % row != 0) {
             throw std::invalid_argument("the replay trace is not [rows, " + std::to_string(n_layer) + ", " +
-                                        std::to_string(n_expert_used) + "]; hint: fit it to the model's layers and top-k");
+                                        std::to_string(n_expert_used) +
+                                        "]; hint: fit it to the model's layers and top-k");
         }
         for (int32_t e : params.replay) {
             if (e < 0 || e >= n_expert) {
-                throw std::invalid_argument("the replay trace names expert " + std::to_string(e) + " of a model with " +
-                                            std::to_string(n_expert));
+                throw std::invalid_argument("the replay trace names expert " + std::to_string(e) +
+                                            " of a model with " + std::to_string(n_expert));
             }
         }
         replay_cursor_.assign((size_t) n_layer, 0);
     }
-    route_selected_.assign((size_t) n_layer, nullptr);
-    route_weights_.assign((size_t) n_layer, nullptr);
+    route_.assign((size_t) n_layer, layer_route_tensors{});
+    predicted_.assign((size_t) n_layer, {});
     layer_stats_.assign((size_t) n_layer, layer_stats{});
     count_.assign((size_t) n_expert, 0);
-    wsum_.assign((size_t) n_expert, 0.0f);
+    wmax_.assign((size_t) n_expert, 0.0f);
+    hi_pairs_.assign((size_t) n_expert, 0);
     action_of_.assign((size_t) n_expert, -1);
     slot_of_.assign((size_t) n_expert, -1);
+}
 
+engine::~engine() {
+    loader_.reset();  // joins the background thread before the pools go
+    release_direct();
 }
 
 void engine::start() {
@@ -119,10 +193,6 @@ void engine::start() {
     }
 }
 
-engine::~engine() {
-    release_direct();
-}
-
 bool engine::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     if (strncmp(t->name, k_route_prefix, strlen(k_route_prefix)) != 0) {
         return !ask;  // not ours: asked, "no"; told (never), "go on"
@@ -135,24 +205,39 @@ bool engine::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     return true;  // false would stop the graph
 }
 
-void engine::note_layer_built(int32_t il, ggml_tensor * selected, ggml_tensor * weights) {
-    route_selected_[il] = selected;
-    route_weights_[il]  = weights;
-    ggml_format_name(weights, "%s%d", k_route_prefix, il);
+void engine::note_layer_built(int32_t il, const layer_route_tensors & route) {
+    route_[il] = route;
+    ggml_format_name(route.weights, "%s%d", k_route_prefix, il);
 }
 
-void engine::read_ids(const ggml_tensor * t, std::vector<int32_t> & out) const {
-    // [n_used, n_tokens], possibly a strided view (top-k of an argsort)
-    const int64_t n0 = t->ne[0], n1 = t->ne[1];
-    out.resize((size_t) (n0 * n1));
-    const bool host = t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer);
-    std::vector<uint8_t> tmp;
-    const uint8_t *      base = static_cast<const uint8_t *>(t->data);
-    if (!host) {
-        tmp.resize((size_t) (t->nb[1] * (n1 - 1) + t->nb[0] * n0));
-        ggml_backend_tensor_get(t, tmp.data(), 0, tmp.size());
-        base = tmp.data();
+//
+// reading the router's outputs
+//
+
+namespace {
+
+// the bytes of a (possibly strided) tensor, wherever it lives
+const uint8_t * tensor_bytes(const ggml_tensor * t, std::vector<uint8_t> & tmp) {
+    if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {
+        return static_cast<const uint8_t *>(t->data);
     }
+    size_t span = ggml_type_size(t->type);
+    for (int d = 0; d < GGML_MAX_DIMS; ++d) {
+        span += (size_t) (t->ne[d] - 1) * t->nb[d];
+    }
+    tmp.resize(span);
+    ggml_backend_tensor_get(t, tmp.data(), 0, span);
+    return tmp.data();
+}
+
+}  // namespace
+
+void engine::read_ids(const ggml_tensor * t, std::vector<int32_t> & out) const {
+    // [n_used, n_tokens], possibly a strided view (the top-k of an argsort)
+    std::vector<uint8_t> tmp;
+    const uint8_t *      base = tensor_bytes(t, tmp);
+    const int64_t        n0 = t->ne[0], n1 = t->ne[1];
+    out.resize((size_t) (n0 * n1));
     for (int64_t j = 0; j < n1; ++j) {
         for (int64_t i = 0; i < n0; ++i) {
             out[(size_t) (j * n0 + i)] = *reinterpret_cast<const int32_t *>(base + j * t->nb[1] + i * t->nb[0]);
@@ -161,21 +246,28 @@ void engine::read_ids(const ggml_tensor * t, std::vector<int32_t> & out) const {
 }
 
 void engine::read_weights(const ggml_tensor * t, std::vector<float> & out) const {
-    // [1, n_used, n_tokens] (or [n_used, n_tokens])
-    const int64_t n0 = t->ne[0] * t->ne[1], n1 = t->ne[2];
-    out.resize((size_t) (n0 * n1));
-    const bool           host = t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer);
+    // [1, n_used, n_tokens]
     std::vector<uint8_t> tmp;
-    const uint8_t *      base = static_cast<const uint8_t *>(t->data);
-    if (!host) {
-        tmp.resize(ggml_nbytes(t));
-        ggml_backend_tensor_get(t, tmp.data(), 0, tmp.size());
-        base = tmp.data();
+    const uint8_t *      base = tensor_bytes(t, tmp);
+    const int64_t        n_used = t->ne[1], n_tokens = t->ne[2];
+    out.resize((size_t) (n_used * n_tokens));
+    for (int64_t j = 0; j < n_tokens; ++j) {
+        for (int64_t i = 0; i < n_used; ++i) {
+            out[(size_t) (j * n_used + i)] = *reinterpret_cast<const float *>(base + j * t->nb[2] + i * t->nb[1]);
+        }
     }
-    for (int64_t j = 0; j < n1; ++j) {
-        for (int64_t i = 0; i < t->ne[1]; ++i) {
-            out[(size_t) (j * t->ne[1] + i)] =
-                *reinterpret_cast<const float *>(base + j * t->nb[2] + i * t->nb[1]);
+}
+
+void engine::read_input(const ggml_tensor * t, std::vector<float> & out) const {
+    // [n_embd, 1, n_tokens]
+    std::vector<uint8_t> tmp;
+    const uint8_t *      base = tensor_bytes(t, tmp);
+    const int64_t        n_tokens = t->ne[2] * t->ne[1];
+    out.resize((size_t) (t->ne[0] * n_tokens));
+    for (int64_t j = 0; j < t->ne[2]; ++j) {
+        for (int64_t r = 0; r < t->ne[1]; ++r) {
+            memcpy(out.data() + (j * t->ne[1] + r) * t->ne[0], base + j * t->nb[2] + r * t->nb[1],
+                   (size_t) t->ne[0] * sizeof(float));
         }
     }
 }
@@ -194,6 +286,39 @@ void engine::release_direct() {
     pending_release_.clear();
 }
 
+//
+// background loads
+//
+
+void engine::settle_inflight() {
+    for (auto it = inflight_.begin(); it != inflight_.end();) {
+        const int state = it->done->load();
+        if (state == 0) {
+            ++it;
+            continue;
+        }
+        if (state > 0) {
+            it->cache->unpin(it->il, it->e);
+        } else {
+            it->cache->release(it->il, it->e);  // a failed read: the slot holds nothing usable
+        }
+        it = inflight_.erase(it);
+    }
+}
+
+void engine::wait_inflight(int32_t il, int32_t e, layer_stats & ls) {
+    for (auto & f : inflight_) {
+        if (f.il == il && f.e == e) {
+            ls.prefetch_wait_seconds += loader_->wait(f.done);
+        }
+    }
+    settle_inflight();
+}
+
+//
+// the sync point
+//
+
 void engine::on_route(int32_t il) {
     if (!started_) {
         try {
@@ -206,22 +331,20 @@ void engine::on_route(int32_t il) {
     // the previous layer's experts have been computed by now (graph order)
     release_direct();
 
-    const expert_layer * layer = store_->layer(il);
-    ggml_tensor *        sel_t = route_selected_[il];
-    ggml_tensor *        w_t   = route_weights_[il];
-    if (!layer || !sel_t || !w_t) {
+    const layer_route_tensors & rt = route_[il];
+    if (!store_->layer(il) || !rt.selected || !rt.weights) {
         return;
     }
-    const int64_t n_used   = sel_t->ne[0];
-    const int64_t n_tokens = sel_t->ne[1];
-    const int64_t n_pairs  = n_used * n_tokens;
-    const uint64_t step    = ++step_;
+    const int64_t  n_used   = rt.selected->ne[0];
+    const int64_t  n_tokens = rt.selected->ne[1];
+    const int64_t  n_pairs  = n_used * n_tokens;
+    const uint64_t step     = ++step_;
 
     layer_stats ls;
     double      load_seconds = 0.0;
     try {
-        read_ids(sel_t, sel_);
-        read_weights(w_t, w_);
+        read_ids(rt.selected, sel_);
+        read_weights(rt.weights, w_);
         if (!replay_cursor_.empty()) {
             // benchmark mode: the trace's experts replace the router's choice
             const uint64_t rows = params_.replay.size() / ((size_t) n_layer_ * (size_t) n_used);
@@ -234,99 +357,13 @@ void engine::on_route(int32_t il) {
             }
             replay_cursor_[il] += (uint64_t) n_tokens;
         }
-
-        // the distinct experts of this step
-        std::vector<planned_expert> experts;
-        for (int64_t p = 0; p < n_pairs; ++p) {
-            const int32_t e = sel_[p];
-            if (e < 0 || e >= n_expert_) {
-                throw std::runtime_error("router chose expert " + std::to_string(e) + " in layer " +
-                                         std::to_string(il));
+        plan_step(il, n_used, n_tokens, step, ls, load_seconds);
+        if (loader_) {
+            prefetch_after(il, n_tokens, step, ls);
+            const std::string e = loader_->take_error();
+            if (!e.empty() && error_.empty()) {
+                error_ = e;
             }
-            if (count_[e]++ == 0) {
-                experts.push_back({ e, 0, 0.0f, false });
-            }
-            wsum_[e] += p < (int64_t) w_.size() ? w_[p] : 0.0f;
-        }
-        const int32_t c       = cache_->class_of(il);
-        const int32_t n_slots = c >= 0 ? cache_->cls(c).n_slots : 0;
-        int32_t       n_hits  = 0;
-        for (auto & x : experts) {
-            x.n_tokens = count_[x.expert];
-            x.weight   = wsum_[x.expert];
-            x.cached   = cache_->lookup(il, x.expert) >= 0;
-            n_hits += x.cached;
-            cache_->count(il, x.expert, (uint64_t) x.n_tokens);
-        }
-
-        plan_request req;
-        req.experts         = experts;
-        req.capacity        = n_slots - n_hits;
-        req.admit           = cache_->policy().admits_on_miss();
-        req.assist          = params_.cpu_assist;
-        req.expert_bytes    = layer->expert_bytes;
-        req.flops_per_token = 0;
-        req.cost            = cost_;
-        const std::vector<expert_action> actions = plan_layer(req);
-
-        // pin the hits first: a load must not evict an expert this step uses
-        for (size_t i = 0; i < experts.size(); ++i) {
-            if (actions[i] == ACTION_HIT) {
-                cache_->touch(il, experts[i].expert, step);
-            }
-        }
-        std::vector<expert_store::read_job> jobs;
-        for (size_t i = 0; i < experts.size(); ++i) {
-            const int32_t e = experts[i].expert;
-            expert_action a = actions[i];
-            int32_t       slot = -1;
-            if (a == ACTION_HIT) {
-                slot = cache_->lookup(il, e);
-                ++ls.hits;
-            } else {
-                ++ls.misses;
-                if (a == ACTION_LOAD) {
-                    bool evicted = false;
-                    slot         = cache_->assign(il, e, step, &evicted);
-                    if (slot >= 0) {
-                        jobs.push_back({ il, e, cache_->slot_dst(c, slot, *layer) });
-                        ++ls.loads;
-                        ls.evictions += evicted;
-                        ls.bytes_loaded += layer->expert_bytes;
-                    } else {
-                        a = ACTION_DIRECT;
-                    }
-                }
-                if (a == ACTION_DIRECT) {
-                    ++ls.direct;
-                    ls.bytes_direct += layer->expert_bytes;
-                    if (release_direct_) {
-                        store_->advise_willneed(il, e);
-                    }
-                    pending_release_.emplace_back(il, e);
-                }
-            }
-            action_of_[e] = a;
-            slot_of_[e]   = slot;
-        }
-
-        if (!jobs.empty()) {
-            const auto t1 = clock_type::now();
-            store_->read_experts(jobs);
-            load_seconds = seconds_since(t1);
-        }
-
-        ids_pool_.resize((size_t) n_pairs);
-        ids_pool_b_.resize((size_t) n_pairs);
-        ids_direct_.resize((size_t) n_pairs);
-        for (int64_t p = 0; p < n_pairs; ++p) {
-            const int32_t e      = sel_[p];
-            const bool    direct = action_of_[e] == ACTION_DIRECT;
-            ids_pool_[p]         = direct ? -1 : slot_of_[e];
-            ids_pool_b_[p]       = direct ? -1 : e;
-            ids_direct_[p]       = direct ? e : -1;
-            ls.pool_pairs += !direct;
-            ls.direct_pairs += direct;
         }
     } catch (const std::exception & ex) {
         // never throw through ggml: serve every pair from the model's tensors
@@ -336,14 +373,18 @@ void engine::on_route(int32_t il) {
         }
         ids_pool_.assign((size_t) n_pairs, -1);
         ids_pool_b_.assign((size_t) n_pairs, -1);
+        ids_lo_.assign((size_t) n_pairs, -1);
+        ids_lo_b_.assign((size_t) n_pairs, -1);
         ids_direct_.assign(sel_.begin(), sel_.begin() + std::min<size_t>(sel_.size(), (size_t) n_pairs));
         ids_direct_.resize((size_t) n_pairs, 0);
-        ls = layer_stats{};
+        ls              = layer_stats{};
         ls.direct_pairs = (uint64_t) n_pairs;
     }
     const layer_plan_tensors & pt = plan_tensors_[il];
     write_ids(pt.ids_pool, ids_pool_, n_pairs);
     write_ids(pt.ids_pool_b, ids_pool_b_, n_pairs);
+    write_ids(pt.ids_lo, ids_lo_, n_pairs);
+    write_ids(pt.ids_lo_b, ids_lo_b_, n_pairs);
     write_ids(pt.ids_direct, ids_direct_, n_pairs);
 
     // reset the per-step scratch
@@ -351,7 +392,8 @@ void engine::on_route(int32_t il) {
         const int32_t e = sel_[p];
         if (e >= 0 && e < n_expert_) {
             count_[e]     = 0;
-            wsum_[e]      = 0.0f;
+            wmax_[e]      = 0.0f;
+            hi_pairs_[e]  = 0;
             action_of_[e] = -1;
             slot_of_[e]   = -1;
         }
@@ -360,22 +402,223 @@ void engine::on_route(int32_t il) {
     ls.steps        = 1;
     ls.pairs        = (uint64_t) n_pairs;
     ls.load_seconds = load_seconds;
-    ls.plan_seconds = seconds_since(t0) - load_seconds;
+    ls.plan_seconds = seconds_since(t0) - load_seconds - ls.prefetch_wait_seconds;
     std::lock_guard<std::mutex> lock(stats_mutex_);
-    layer_stats & acc = layer_stats_[il];
-    acc.steps += ls.steps;
-    acc.pairs += ls.pairs;
-    acc.hits += ls.hits;
-    acc.misses += ls.misses;
-    acc.loads += ls.loads;
-    acc.direct += ls.direct;
-    acc.evictions += ls.evictions;
-    acc.pool_pairs += ls.pool_pairs;
-    acc.direct_pairs += ls.direct_pairs;
-    acc.bytes_loaded += ls.bytes_loaded;
-    acc.bytes_direct += ls.bytes_direct;
-    acc.load_seconds += ls.load_seconds;
-    acc.plan_seconds += ls.plan_seconds;
+    accumulate(layer_stats_[il], ls);
+}
+
+void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t step, layer_stats & ls,
+                       double & load_seconds) {
+    const int64_t        n_pairs = n_used * n_tokens;
+    const expert_layer & layer   = *store_->layer(il);
+    const float          thr     = cache_lo_ ? params_.lo_threshold : 0.0f;
+
+    // the distinct experts of this step, with their token count and largest weight
+    std::vector<planned_expert> experts;
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        const int32_t e = sel_[p];
+        if (e < 0 || e >= n_expert_) {
+            throw std::runtime_error("router chose expert " + std::to_string(e) + " in layer " + std::to_string(il));
+        }
+        if (count_[e]++ == 0) {
+            experts.push_back({ e, 0, 0.0f, false, false });
+        }
+        const float w = p < (int64_t) w_.size() ? w_[p] : 0.0f;
+        wmax_[e]      = std::max(wmax_[e], w);
+        hi_pairs_[e] += w >= thr;
+    }
+
+    // what the predictions made for this layer got right
+    if (!predicted_[il].empty()) {
+        for (int32_t e : predicted_[il]) {
+            ls.prefetch_predicted++;
+            ls.prefetch_correct += count_[e] > 0;
+        }
+        for (const auto & x : experts) {
+            ls.prefetch_missed += std::find(predicted_[il].begin(), predicted_[il].end(), x.expert) ==
+                                  predicted_[il].end();
+        }
+        predicted_[il].clear();
+    }
+    // background loads of experts this step needs must have landed
+    if (!inflight_.empty()) {
+        settle_inflight();
+        for (const auto & x : experts) {
+            wait_inflight(il, x.expert, ls);
+        }
+    }
+
+    const int32_t c       = cache_->class_of(il);
+    const int32_t c_lo    = cache_lo_ ? cache_lo_->class_of(il) : -1;
+    const int32_t n_slots = c >= 0 ? cache_->cls(c).n_slots : 0;
+    const int32_t n_lo    = c_lo >= 0 ? cache_lo_->cls(c_lo).n_slots : 0;
+    int32_t       hits = 0, hits_lo = 0;
+    for (auto & x : experts) {
+        x.n_tokens  = count_[x.expert];
+        x.weight    = wmax_[x.expert];
+        x.cached    = cache_->lookup(il, x.expert) >= 0;
+        x.cached_lo = cache_lo_ && cache_lo_->lookup(il, x.expert) >= 0;
+        hits += x.cached;
+        hits_lo += x.cached_lo;
+        cache_->count(il, x.expert, (uint64_t) x.n_tokens, (uint64_t) hi_pairs_[x.expert]);
+        if (cache_lo_) {
+            cache_lo_->count(il, x.expert, (uint64_t) x.n_tokens, (uint64_t) hi_pairs_[x.expert]);
+        }
+    }
+
+    plan_request req;
+    req.experts         = experts;
+    req.capacity        = n_slots - hits;
+    req.capacity_lo     = n_lo - hits_lo;
+    req.admit           = cache_->policy().admits_on_miss();
+    req.assist          = params_.cpu_assist;
+    req.lo_threshold    = thr;
+    req.expert_bytes    = layer.expert_bytes;
+    req.expert_bytes_lo = cache_lo_ ? store_lo_->layer(il)->expert_bytes : 0;
+    req.cost            = cost_;
+    const std::vector<expert_action> actions = plan_layer(req);
+
+    // pin what the step uses before any load chooses a victim
+    for (size_t i = 0; i < experts.size(); ++i) {
+        if (actions[i] == ACTION_HIT) {
+            cache_->touch(il, experts[i].expert, step);
+        } else if (actions[i] == ACTION_HIT_LO) {
+            cache_lo_->touch(il, experts[i].expert, step);
+        }
+    }
+    std::vector<expert_store::read_job> jobs, jobs_lo;
+    for (size_t i = 0; i < experts.size(); ++i) {
+        const int32_t e    = experts[i].expert;
+        expert_action a    = actions[i];
+        int32_t       slot = -1;
+        bool          evicted = false;
+        switch (a) {
+            case ACTION_HIT:
+                slot = cache_->lookup(il, e);
+                ++ls.hits;
+                break;
+            case ACTION_HIT_LO:
+                slot = cache_lo_->lookup(il, e);
+                ++ls.hits_lo;
+                break;
+            case ACTION_LOAD:
+                slot = cache_->assign(il, e, step, &evicted);
+                if (slot >= 0) {
+                    jobs.push_back({ il, e, cache_->slot_dst(c, slot, layer) });
+                    ++ls.loads;
+                    ls.evictions += evicted;
+                    ls.bytes_loaded += layer.expert_bytes;
+                    if (experts[i].cached_lo) {  // an important expert held only in low precision
+                        cache_lo_->release(il, e);
+                        ++ls.upgrades;
+                    }
+                } else {
+                    a = ACTION_DIRECT;
+                }
+                break;
+            case ACTION_LOAD_LO:
+                slot = cache_lo_->assign(il, e, step, &evicted);
+                if (slot >= 0) {
+                    jobs_lo.push_back({ il, e, cache_lo_->slot_dst(c_lo, slot, *store_lo_->layer(il)) });
+                    ++ls.loads_lo;
+                    ls.evictions += evicted;
+                    ls.bytes_loaded_lo += store_lo_->layer(il)->expert_bytes;
+                } else {
+                    a = ACTION_DIRECT;
+                }
+                break;
+            default:
+                break;
+        }
+        if (a != ACTION_HIT && a != ACTION_HIT_LO) {
+            ++ls.misses;
+        }
+        if (a == ACTION_DIRECT) {
+            ++ls.direct;
+            ls.bytes_direct += layer.expert_bytes;
+            if (release_direct_) {
+                store_->advise_willneed(il, e);
+            }
+            pending_release_.emplace_back(il, e);
+        }
+        action_of_[e] = a;
+        slot_of_[e]   = slot;
+    }
+
+    if (!jobs.empty() || !jobs_lo.empty()) {
+        const auto t1 = clock_type::now();
+        store_->read_experts(jobs);
+        if (!jobs_lo.empty()) {
+            store_lo_->read_experts(jobs_lo);
+        }
+        load_seconds = seconds_since(t1);
+    }
+
+    ids_pool_.resize((size_t) n_pairs);
+    ids_pool_b_.resize((size_t) n_pairs);
+    ids_lo_.resize((size_t) n_pairs);
+    ids_lo_b_.resize((size_t) n_pairs);
+    ids_direct_.resize((size_t) n_pairs);
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        const int32_t e  = sel_[p];
+        const int     a  = action_of_[e];
+        const bool    hi = a == ACTION_HIT || a == ACTION_LOAD;
+        const bool    lo = a == ACTION_HIT_LO || a == ACTION_LOAD_LO;
+        ids_pool_[p]     = hi ? slot_of_[e] : -1;
+        ids_pool_b_[p]   = hi ? e : -1;
+        ids_lo_[p]       = lo ? slot_of_[e] : -1;
+        ids_lo_b_[p]     = lo ? e : -1;
+        ids_direct_[p]   = hi || lo ? -1 : e;
+        ls.pool_pairs += hi;
+        ls.lo_pairs += lo;
+        ls.direct_pairs += !hi && !lo;
+    }
+}
+
+void engine::prefetch_after(int32_t il, int64_t n_tokens, uint64_t step, layer_stats & ls) {
+    GGML_UNUSED(ls);
+    if (n_tokens > params_.prefetch_max_tokens || !route_[il].input) {
+        return;
+    }
+    read_input(route_[il].input, x_);
+    for (int32_t d = 1; d <= params_.prefetch_depth; ++d) {
+        const int32_t target = il + d;
+        if (target >= n_layer_ || !store_->layer(target)) {
+            break;
+        }
+        if (d > 1 && !loader_->idle()) {
+            break;  // look further ahead only while the link is idle
+        }
+        if (!predictor_->predict(target, x_.data(), n_tokens, n_expert_used_, pred_)) {
+            continue;
+        }
+        std::vector<int32_t> & predicted = predicted_[target];
+        for (const auto & [e, weight] : pred_) {
+            predicted.push_back(e);
+            if (cache_->lookup(target, e) >= 0 || (cache_lo_ && cache_lo_->lookup(target, e) >= 0)) {
+                continue;  // already there (or on its way)
+            }
+            const bool      lo    = cache_lo_ && weight < params_.lo_threshold && cache_lo_->class_of(target) >= 0;
+            expert_cache &  cache = lo ? *cache_lo_ : *cache_;
+            expert_store &  store = lo ? *store_lo_ : *store_;
+            if (!cache.policy().admits_on_miss()) {
+                continue;
+            }
+            bool          evicted = false;
+            const int32_t slot    = cache.assign(target, e, step, &evicted);  // never a slot this step uses
+            if (slot < 0) {
+                continue;
+            }
+            cache.pin(target, e);
+            const expert_layer & layer = *store.layer(target);
+            auto done = loader_->submit(store, { target, e, cache.slot_dst(cache.class_of(target), slot, layer) });
+            inflight_.push_back({ &cache, target, e, done, layer.expert_bytes });
+            std::lock_guard<std::mutex> lock(stats_mutex_);
+            layer_stats_[target].prefetch_loads++;
+            layer_stats_[target].prefetch_bytes += layer.expert_bytes;
+            layer_stats_[target].evictions += evicted;
+        }
+    }
 }
 
 void engine::end_batch() {
@@ -397,6 +640,11 @@ offload_stats engine::stats() const {
     s.n_expert       = n_expert_;
     s.policy         = cache_->policy().name();
     s.read_bandwidth = cost_.read_bw;
+    s.pool_bytes_lo  = cache_lo_ ? cache_lo_->allocated_bytes() : 0;
+    s.n_slots_lo     = cache_lo_ ? cache_lo_->n_slots() : 0;
+    s.lo_threshold   = cache_lo_ ? params_.lo_threshold : 0.0f;
+    s.prefetch       = loader_ != nullptr;
+    s.prefetch_busy_seconds = loader_ ? loader_->busy_seconds() : 0.0;
     {
         std::lock_guard<std::mutex> lock(stats_mutex_);
         s.layers = layer_stats_;
@@ -415,9 +663,9 @@ void engine::reset_stats() {
     layer_stats_.assign((size_t) n_layer_, layer_stats{});
 }
 
-}  // namespace pymoe
-
-namespace pymoe {
+//
+// how a budget splits (pymoe info --expert-budget)
+//
 
 std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, uint64_t * planned_bytes) {
     const gguf_info info = gguf_read_info(path, 0);
@@ -448,7 +696,8 @@ std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, u
         throw std::invalid_argument("'" + path + "' has no routed experts; hint: offloading is for MoE models");
     }
     expert_store store(path, (int32_t) n_layer, (int32_t) n_expert, false, 1);
-    expert_cache cache(store, budget, ggml_backend_cpu_buffer_type(), make_eviction_policy("lru"), {}, false);
+    expert_cache cache(store.layers(), (int32_t) n_expert, budget, ggml_backend_cpu_buffer_type(),
+                       make_eviction_policy("lru"), {}, false);
     std::vector<pool_plan> out;
     for (int32_t c = 0; c < cache.n_classes(); ++c) {
         const pool_class & pc = cache.cls(c);

@@ -1,17 +1,21 @@
 // The expert-offload engine: one per model context.
 //
-// Graph side (pymoe-hook.cpp): every MoE layer's experts are built as two
-// mul_mat_id branches, the layer's slot pool and the model's own (lazily
-// mapped) expert tensors, each with its own persistent id tensors, summed.
+// Graph side (pymoe-hook.cpp): every MoE layer's experts are built as up to
+// three mul_mat_id branches, summed: the high-precision slot pool, the
+// low-precision slot pool (with a sidecar) and the model's own (lazily mapped
+// or host-resident) expert tensors ("direct"), each with persistent id
+// tensors in which -1 means "another branch has this pair".
 // Run side: the router's weights tensor of each layer is named
 // "pymoe_route-<il>"; the scheduler's eval callback stops there, and
-// on_route() reads the chosen experts, plans, loads misses into slots and
-// writes the id tensors before the layer's expert matmuls run.
+// on_route() reads the chosen experts and their weights, plans, loads misses,
+// writes the id tensors, and starts background loads of the experts it
+// predicts for the next layers, all before the layer's expert matmuls run.
 #pragma once
 
 #include "pymoe-expert-cache.h"
 #include "pymoe-expert-store.h"
 #include "pymoe-planner.h"
+#include "pymoe-prefetch.h"
 #include "pymoe.h"
 
 #include "ggml-backend.h"
@@ -27,20 +31,30 @@ struct llama_moe_hook;
 
 namespace pymoe {
 
-// what the graph of one MoE layer reads (persistent tensors, written by on_route)
+// what the graph of one MoE layer reads: persistent I32 [n_used, n_tokens_max]
+// tensors, written by on_route; the graph views the first n_tokens columns
 struct layer_plan_tensors {
-    ggml_tensor * ids_pool   = nullptr; // I32 [n_used, n_ctx_tokens] slot per pair, -1: not from the pool
-    ggml_tensor * ids_pool_b = nullptr; // I32 [n_used, n_ctx_tokens] expert per pool pair (biases), else -1
-    ggml_tensor * ids_direct = nullptr; // I32 [n_used, n_ctx_tokens] expert per direct pair, else -1
+    ggml_tensor * ids_pool     = nullptr; // high-precision slot per pair, -1: another branch
+    ggml_tensor * ids_pool_b   = nullptr; // the expert of each such pair (biases), else -1
+    ggml_tensor * ids_lo       = nullptr; // low-precision slot per pair, -1: another branch
+    ggml_tensor * ids_lo_b     = nullptr;
+    ggml_tensor * ids_direct   = nullptr; // the expert of each direct pair, else -1
+};
+
+// what the hook saw of a layer when it built the graph being run
+struct layer_route_tensors {
+    ggml_tensor * selected = nullptr; // I32 [n_used, n_tokens]
+    ggml_tensor * weights  = nullptr; // F32 [1, n_used, n_tokens]
+    ggml_tensor * input    = nullptr; // F32 [n_embd, 1, n_tokens]: what the experts (and the predictor) see
 };
 
 class engine {
   public:
     // `path` the GGUF, `n_tokens_max` the largest ubatch, `buft_fast` where the
-    // slots live. Reads the expert layout, splits the budget into pools,
-    // measures the read bandwidth and, for the static policy, loads the hot set.
+    // slots live. Reads the expert layout (and the sidecar's), splits the
+    // budget into pools; measuring and a static hot set wait for start().
     engine(const std::string & path, const offload_params & params, int32_t n_layer, int32_t n_expert,
-           int32_t n_expert_used, int32_t n_tokens_max, ggml_backend_buffer_type_t buft_fast);
+           int32_t n_expert_used, int64_t n_embd, int32_t n_tokens_max, ggml_backend_buffer_type_t buft_fast);
     ~engine();
 
     llama_moe_hook * hook() { return hook_.get(); }
@@ -51,9 +65,11 @@ class engine {
     // --- graph side, called by the hook
     expert_store &             store() { return *store_; }
     expert_cache &             cache() { return *cache_; }
+    expert_cache *             cache_lo() { return cache_lo_.get(); }
     const layer_plan_tensors & plan_tensors(int32_t il) const { return plan_tensors_[il]; }
     int32_t                    n_tokens_max() const { return n_tokens_max_; }
-    void                       note_layer_built(int32_t il, ggml_tensor * selected, ggml_tensor * weights);
+    void                       note_layer_built(int32_t il, const layer_route_tensors & route);
+    router_predictor *         predictor() { return predictor_.get(); }
 
     // --- run side
     void on_route(int32_t il);
@@ -67,8 +83,14 @@ class engine {
 
   private:
     void start();  // at the first sync point, when every layer's tensors are known: calibrate, load a hot set
+    void plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t step, layer_stats & ls,
+                   double & load_seconds);
+    void prefetch_after(int32_t il, int64_t n_tokens, uint64_t step, layer_stats & ls);
+    void settle_inflight();  // completed background loads become ordinary cached experts
+    void wait_inflight(int32_t il, int32_t e, layer_stats & ls);
     void read_ids(const ggml_tensor * t, std::vector<int32_t> & out) const;
     void read_weights(const ggml_tensor * t, std::vector<float> & out) const;
+    void read_input(const ggml_tensor * t, std::vector<float> & out) const;
     void write_ids(ggml_tensor * t, const std::vector<int32_t> & ids, int64_t n) const;
     void release_direct();
 
@@ -76,9 +98,14 @@ class engine {
     int32_t                         n_layer_;
     int32_t                         n_expert_;
     int32_t                         n_expert_used_;
+    int64_t                         n_embd_;
     int32_t                         n_tokens_max_;
     std::unique_ptr<expert_store>   store_;
     std::unique_ptr<expert_cache>   cache_;
+    std::unique_ptr<expert_store>   store_lo_;   // the sidecar
+    std::unique_ptr<expert_cache>   cache_lo_;
+    std::unique_ptr<router_predictor> predictor_;
+    std::unique_ptr<async_loader>   loader_;
     struct hook_deleter {
         void operator()(llama_moe_hook * h) const;  // pymoe-hook.cpp, where the type is complete
     };
@@ -87,27 +114,40 @@ class engine {
     bool                            release_direct_ = true; // disk tier: keep the page cache within bounds
     bool                            started_        = false;
 
-    ggml_context_ptr                ids_ctx_;
-    ggml_backend_buffer_ptr         ids_buf_;
-    std::vector<layer_plan_tensors> plan_tensors_;  // [n_layer]
-    std::vector<ggml_tensor *>      route_selected_; // [n_layer] the router's outputs in the graph being run
-    std::vector<ggml_tensor *>      route_weights_;
+    ggml_context_ptr                 ids_ctx_;
+    ggml_backend_buffer_ptr          ids_buf_;
+    std::vector<layer_plan_tensors>  plan_tensors_;  // [n_layer]
+    std::vector<layer_route_tensors> route_;         // [n_layer]
 
     uint64_t                                 step_ = 0;
     std::vector<uint64_t>                    replay_cursor_; // [n_layer] next trace row
     std::vector<std::pair<int32_t, int32_t>> pending_release_;
     std::string                              error_;
 
+    // background loads in flight: (cache, layer, expert) -> completion
+    struct inflight {
+        expert_cache *     cache;
+        int32_t            il;
+        int32_t            e;
+        async_loader::flag done;
+        uint64_t           bytes;
+    };
+    std::vector<inflight>                 inflight_;
+    std::vector<std::vector<int32_t>>     predicted_;  // [n_layer] experts predicted for the layer's next step
+
     // scratch of on_route, kept to avoid per-step allocations
     std::vector<int32_t> sel_;
     std::vector<float>   w_;
-    std::vector<int32_t> ids_pool_, ids_pool_b_, ids_direct_;
+    std::vector<float>   x_;
+    std::vector<int32_t> ids_pool_, ids_pool_b_, ids_lo_, ids_lo_b_, ids_direct_;
     std::vector<int32_t> count_;
-    std::vector<float>   wsum_;
+    std::vector<float>   wmax_;
+    std::vector<int32_t> hi_pairs_;
     std::vector<int32_t> action_of_, slot_of_;
+    std::vector<predicted_expert> pred_;
 
-    mutable std::mutex          stats_mutex_;
-    std::vector<layer_stats>    layer_stats_;
+    mutable std::mutex       stats_mutex_;
+    std::vector<layer_stats> layer_stats_;
 };
 
 }  // namespace pymoe

@@ -13,6 +13,8 @@ namespace pymoe {
 
 namespace {
 
+constexpr uint64_t k_pinned = UINT64_MAX;  // pinned_step of a slot filled in the background
+
 std::string format_key(const expert_layer & l) {
     std::string key;
     for (const auto & p : l.projs) {
@@ -23,7 +25,7 @@ std::string format_key(const expert_layer & l) {
 }
 
 // builds the pools' tensors for `slots` in a fresh no-alloc context
-ggml_context_ptr make_pool_tensors(const expert_store & store, std::vector<pool_class> & classes,
+ggml_context_ptr make_pool_tensors(const std::vector<expert_layer> & layers, std::vector<pool_class> & classes,
                                    const std::vector<int32_t> & slots) {
     ggml_init_params params = { ggml_tensor_overhead() * (classes.size() * PROJ_COUNT + 1), nullptr, true };
     ggml_context_ptr ctx(ggml_init(params));
@@ -34,7 +36,7 @@ ggml_context_ptr make_pool_tensors(const expert_store & store, std::vector<pool_
         if (pc.n_slots == 0) {
             continue;
         }
-        for (const auto & p : store.layer(pc.layers[0])->projs) {
+        for (const auto & p : layers[pc.layers[0]].projs) {
             // [n_in, n_out, n_slots]
             ggml_tensor * t = ggml_new_tensor_3d(ctx.get(), (ggml_type) p.type, p.ne[0], p.ne[1], pc.n_slots);
             ggml_format_name(t, "pymoe_pool%zu_%s", c, proj_kind_name(p.kind));
@@ -46,10 +48,11 @@ ggml_context_ptr make_pool_tensors(const expert_store & store, std::vector<pool_
 
 }  // namespace
 
-expert_cache::expert_cache(const expert_store & store, uint64_t budget, ggml_backend_buffer_type_t buft,
-                           std::unique_ptr<eviction_policy> policy, std::vector<double> profile, bool allocate)
-    : n_expert_(store.n_expert()), budget_(budget), policy_(std::move(policy)), profile_(std::move(profile)) {
-    const int32_t n_layer = store.n_layer();
+expert_cache::expert_cache(const std::vector<expert_layer> & layers, int32_t n_expert, uint64_t budget,
+                           ggml_backend_buffer_type_t buft, std::unique_ptr<eviction_policy> policy,
+                           std::vector<double> profile, bool allocate)
+    : n_expert_(n_expert), budget_(budget), policy_(std::move(policy)), profile_(std::move(profile)) {
+    const int32_t n_layer = (int32_t) layers.size();
     if (!profile_.empty() && profile_.size() != (size_t) n_layer * (size_t) n_expert_) {
         throw std::invalid_argument("expert profile has " + std::to_string(profile_.size()) + " entries, the model " +
                                     std::to_string(n_layer) + " x " + std::to_string(n_expert_) +
@@ -62,12 +65,13 @@ expert_cache::expert_cache(const expert_store & store, uint64_t budget, ggml_bac
     class_of_.assign((size_t) n_layer, -1);
     slot_of_.assign((size_t) n_layer * (size_t) n_expert_, -1);
     uses_.assign(slot_of_.size(), 0);
+    hi_uses_.assign(slot_of_.size(), 0);
     if (profile_.empty()) {
         profile_.assign(slot_of_.size(), 0.0);
     }
 
     std::map<std::string, int32_t> by_key;
-    for (const auto & l : store.layers()) {
+    for (const auto & l : layers) {
         if (l.il < 0) {
             continue;
         }
@@ -95,7 +99,7 @@ expert_cache::expert_cache(const expert_store & store, uint64_t budget, ggml_bac
         slots[c] = std::min(cap[c], (int32_t) (share * cap[c]));
     }
     auto size_of = [&](const std::vector<int32_t> & s) {
-        ggml_context_ptr ctx = make_pool_tensors(store, classes_, s);
+        ggml_context_ptr ctx = make_pool_tensors(layers, classes_, s);
         return (uint64_t) ggml_backend_alloc_ctx_tensors_from_buft_size(ctx.get(), buft);
     };
     while (size_of(slots) > budget) {  // alignment padding can push the floor over the budget
@@ -121,7 +125,7 @@ expert_cache::expert_cache(const expert_store & store, uint64_t budget, ggml_bac
     }
 
     planned_bytes_ = size_of(slots);  // (before the final tensors: size_of rebuilds them in a scratch context)
-    ctx_           = make_pool_tensors(store, classes_, slots);
+    ctx_           = make_pool_tensors(layers, classes_, slots);
     host_          = ggml_backend_buft_is_host(buft);
     if (allocate && n_slots() > 0) {
         buf_.reset(ggml_backend_alloc_ctx_tensors_from_buft(ctx_.get(), buft));
@@ -185,11 +189,11 @@ int32_t expert_cache::assign(int32_t il, int32_t e, uint64_t step, bool * evicte
         std::vector<int32_t>   cand_slot;
         cands.reserve((size_t) pc.n_slots);
         for (int32_t s = 0; s < pc.n_slots; ++s) {
-            if (pc.pinned_step[s] == step) {
+            if (pc.pinned_step[s] == step || pc.pinned_step[s] == k_pinned) {
                 continue;
             }
             const size_t i = index(pc.owner_layer[s], pc.owner_expert[s]);
-            cands.push_back({ pc.owner_layer[s], pc.owner_expert[s], pc.last_use[s], uses_[i], profile_[i] });
+            cands.push_back({ pc.owner_layer[s], pc.owner_expert[s], pc.last_use[s], uses_[i], profile_[i], hi_uses_[i] });
             cand_slot.push_back(s);
         }
         if (cands.empty()) {
@@ -205,6 +209,31 @@ int32_t expert_cache::assign(int32_t il, int32_t e, uint64_t step, bool * evicte
     pc.pinned_step[slot]  = step;
     slot_of_[index(il, e)] = slot;
     return slot;
+}
+
+void expert_cache::pin(int32_t il, int32_t e) {
+    const int32_t slot = lookup(il, e);
+    if (slot >= 0) {
+        classes_[class_of_[il]].pinned_step[slot] = k_pinned;
+    }
+}
+
+void expert_cache::unpin(int32_t il, int32_t e) {
+    const int32_t slot = lookup(il, e);
+    if (slot >= 0 && classes_[class_of_[il]].pinned_step[slot] == k_pinned) {
+        classes_[class_of_[il]].pinned_step[slot] = 0;
+    }
+}
+
+void expert_cache::release(int32_t il, int32_t e) {
+    const int32_t slot = lookup(il, e);
+    if (slot < 0) {
+        return;
+    }
+    pool_class & pc       = classes_[class_of_[il]];
+    pc.owner_layer[slot]  = -1;
+    pc.owner_expert[slot] = -1;
+    slot_of_[index(il, e)] = -1;
 }
 
 std::vector<read_dst> expert_cache::slot_dst(int32_t c, int32_t slot, const expert_layer & layer) const {

@@ -33,13 +33,14 @@ struct pool_class {
 
 class expert_cache {
   public:
-    // Splits `budget` bytes over the pools (every class gets the same share of
-    // its experts) and allocates them in `buft`. A class whose share is below
-    // one slot gets none. `profile` ([n_layer * n_expert]) feeds LFU ties and
-    // the static hot set.
-    // With allocate = false only the split is computed (pymoe info --expert-budget).
-    expert_cache(const expert_store & store, uint64_t budget, ggml_backend_buffer_type_t buft,
-                 std::unique_ptr<eviction_policy> policy, std::vector<double> profile, bool allocate = true);
+    // Splits `budget` bytes over the pools of `layers` (an expert_store's, or a
+    // simulator's) so that every class gets the same share of its experts, and
+    // allocates them in `buft`. A class whose share is below one slot gets
+    // none. `profile` ([n_layer * n_expert]) feeds the static hot set.
+    // With allocate = false only the split is computed (pymoe info --expert-budget, the simulator).
+    expert_cache(const std::vector<expert_layer> & layers, int32_t n_expert, uint64_t budget,
+                 ggml_backend_buffer_type_t buft, std::unique_ptr<eviction_policy> policy,
+                 std::vector<double> profile, bool allocate = true);
 
     const eviction_policy & policy() const { return *policy_; }
     int32_t  class_of(int32_t il) const { return il >= 0 && il < (int32_t) class_of_.size() ? class_of_[il] : -1; }
@@ -55,9 +56,20 @@ class expert_cache {
 
     // Marks a cached expert used by `step` (recency, and pinned for the step).
     void touch(int32_t il, int32_t e, uint64_t step);
-    // Counts pairs routed to an expert (frequency).
-    void count(int32_t il, int32_t e, uint64_t pairs) { uses_[index(il, e)] += pairs; }
+    // Counts pairs routed to an expert (frequency), and those of them that
+    // wanted high precision (the multidimensional policy's precision term).
+    void count(int32_t il, int32_t e, uint64_t pairs, uint64_t hi_pairs) {
+        uses_[index(il, e)] += pairs;
+        hi_uses_[index(il, e)] += hi_pairs;
+    }
     uint64_t uses(int32_t il, int32_t e) const { return uses_[index(il, e)]; }
+
+    // Frees the slot of (il, e), if it has one (a low-precision copy upgraded to high).
+    void release(int32_t il, int32_t e);
+
+    // A slot being filled in the background is not evictable until unpinned.
+    void pin(int32_t il, int32_t e);
+    void unpin(int32_t il, int32_t e);
 
     // Gives (il, e) a slot of its class, evicting an expert not pinned by
     // `step` if needed; the slot is pinned for the step. Returns the slot, or
@@ -85,6 +97,7 @@ class expert_cache {
     std::vector<int32_t>             class_of_;  // [n_layer]
     std::vector<int32_t>             slot_of_;   // [n_layer * n_expert]
     std::vector<uint64_t>            uses_;      // [n_layer * n_expert]
+    std::vector<uint64_t>            hi_uses_;   // [n_layer * n_expert]
     ggml_context_ptr                 ctx_;
     ggml_backend_buffer_ptr          buf_;
     bool                             host_          = true;

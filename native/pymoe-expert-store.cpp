@@ -49,6 +49,7 @@ const expert_proj * expert_layer::find(proj_kind k) const {
 //
 
 io_pool::io_pool(int n_threads) {
+    scratch_.assign((size_t) std::max(1, n_threads), { nullptr, 0 });
     for (int i = 0; i < std::max(1, n_threads); ++i) {
         threads_.emplace_back([this, i] { loop(i); });
     }
@@ -63,6 +64,25 @@ io_pool::~io_pool() {
     for (auto & t : threads_) {
         t.join();
     }
+    for (auto & [p, n] : scratch_) {
+        free(p);
+    }
+}
+
+uint8_t * io_pool::scratch(int worker, size_t bytes) {
+    auto & [p, n] = scratch_[(size_t) worker];
+    if (n < bytes) {
+        free(p);
+        p = nullptr;
+        n = 0;
+        void * q = nullptr;
+        if (posix_memalign(&q, k_align, bytes) != 0) {
+            throw std::runtime_error("out of memory for a read buffer");
+        }
+        p = static_cast<uint8_t *>(q);
+        n = bytes;
+    }
+    return p;
 }
 
 void io_pool::loop(int worker) {
@@ -180,13 +200,9 @@ expert_store::expert_store(const std::string & path, int32_t n_layer, int32_t n_
 #else
     (void) direct_io;
 #endif
-    bounce_.assign((size_t) io_.size(), nullptr);
 }
 
 expert_store::~expert_store() {
-    for (uint8_t * b : bounce_) {
-        free(b);
-    }
     if (fd_direct_ >= 0) {
         close(fd_direct_);
     }
@@ -221,18 +237,7 @@ void expert_store::set_host(int32_t il, proj_kind kind, const uint8_t * data) {
     }
 }
 
-uint8_t * expert_store::bounce(int worker) {
-    if (!bounce_[worker]) {
-        void * p = nullptr;
-        if (posix_memalign(&p, k_align, k_chunk + 2 * k_align) != 0) {
-            throw std::runtime_error("out of memory for a read buffer");
-        }
-        bounce_[worker] = static_cast<uint8_t *>(p);
-    }
-    return bounce_[worker];
-}
-
-void expert_store::read_range(uint64_t off, uint64_t size, const read_dst & dst, int worker) {
+void expert_store::read_range(uint64_t off, uint64_t size, const read_dst & dst, uint8_t * bounce) {
     auto pread_all = [](int fd, uint8_t * buf, uint64_t n, uint64_t at, const std::string & path) {
         uint64_t done = 0;
         while (done < n) {
@@ -253,7 +258,7 @@ void expert_store::read_range(uint64_t off, uint64_t size, const read_dst & dst,
         // the aligned span around [off, off + size); the file's end may cut it short
         const uint64_t a0  = align_down(off);
         const uint64_t a1  = align_up(off + size);
-        uint8_t *      buf = bounce(worker);
+        uint8_t *      buf = bounce;
         uint64_t       got = 0;
         while (got < a1 - a0) {
             const ssize_t r = pread(fd_direct_, buf + got, a1 - a0 - got, (off_t) (a0 + got));
@@ -279,7 +284,7 @@ void expert_store::read_range(uint64_t off, uint64_t size, const read_dst & dst,
         posix_fadvise(fd_, (off_t) off, (off_t) size, POSIX_FADV_DONTNEED);  // the slot holds it now
         return;
     } else {
-        uint8_t * buf = bounce(worker);
+        uint8_t * buf = bounce;
         pread_all(fd_, buf, size, off, path_);
         posix_fadvise(fd_, (off_t) off, (off_t) size, POSIX_FADV_DONTNEED);
         src = buf;
@@ -291,7 +296,8 @@ void expert_store::read_range(uint64_t off, uint64_t size, const read_dst & dst,
     }
 }
 
-uint64_t expert_store::read_experts(const std::vector<read_job> & jobs) {
+uint64_t expert_store::read_experts(const std::vector<read_job> & jobs, io_pool * pool) {
+    io_pool &                             io = pool ? *pool : io_;
     std::vector<std::function<void(int)>> tasks;
     uint64_t                              total = 0;
     for (const auto & job : jobs) {
@@ -323,13 +329,15 @@ uint64_t expert_store::read_experts(const std::vector<read_job> & jobs) {
                         }
                     });
                 } else {
-                    tasks.emplace_back([this, base, pos, n, d](int worker) { read_range(base + pos, n, d, worker); });
+                    tasks.emplace_back([this, &io, base, pos, n, d](int worker) {
+                        read_range(base + pos, n, d, io.scratch(worker, k_chunk + 2 * k_align));
+                    });
                 }
             }
             total += p.expert_bytes;
         }
     }
-    io_.run(tasks);
+    io.run(tasks);
     return total;
 }
 

@@ -62,6 +62,9 @@ class io_pool {
 
     int size() const { return (int) threads_.size(); }
 
+    // a buffer of `bytes`, aligned for O_DIRECT, private to worker `worker` of this pool
+    uint8_t * scratch(int worker, size_t bytes);
+
   private:
     void loop(int worker);
 
@@ -72,6 +75,7 @@ class io_pool {
     std::deque<std::function<void(int)>>     queue_;
     size_t                                   pending_ = 0;
     bool                                     stop_    = false;
+    std::vector<std::pair<uint8_t *, size_t>> scratch_;  // per worker
 };
 
 // Where a read goes: host memory, or a tensor of a backend buffer (device).
@@ -105,13 +109,14 @@ class expert_store {
     // for projs[i]. Large ranges are split and read in parallel.
     // Returns the bytes read.
     uint64_t read_expert(int32_t il, int32_t e, const std::vector<read_dst> & dst);
-    // Several experts at once (one io_pool run); jobs = (il, e, dst)
+    // Several experts at once (one io_pool run); jobs = (il, e, dst). `pool`:
+    // whose threads read (the store's own by default; the prefetcher has its own).
     struct read_job {
         int32_t               il;
         int32_t               e;
         std::vector<read_dst> dst;
     };
-    uint64_t read_experts(const std::vector<read_job> & jobs);
+    uint64_t read_experts(const std::vector<read_job> & jobs, io_pool * pool = nullptr);
 
     // The direct branch computes from llama.cpp's mapping: ask the kernel to
     // read the expert ahead, and afterwards drop its pages so that the
@@ -127,8 +132,7 @@ class expert_store {
     bool from_host() const { return from_host_; }
 
   private:
-    void read_range(uint64_t file_offset, uint64_t size, const read_dst & dst, int worker);
-    uint8_t * bounce(int worker);
+    void read_range(uint64_t file_offset, uint64_t size, const read_dst & dst, uint8_t * bounce);
 
     std::string               path_;
     int32_t                   n_layer_  = 0;
@@ -138,7 +142,6 @@ class expert_store {
     int                       fd_        = -1; // buffered reads, fadvise
     int                       fd_direct_ = -1; // O_DIRECT reads, when the file system allows them
     io_pool                   io_;
-    std::vector<uint8_t *>    bounce_;   // per worker, aligned for O_DIRECT
 };
 
 }  // namespace pymoe

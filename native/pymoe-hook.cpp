@@ -1,5 +1,6 @@
-// The llama_moe_hook: builds each MoE layer's experts as a pool branch and a
-// direct branch. The only pymoe file that includes llama.cpp internals
+// The llama_moe_hook: builds each MoE layer's experts as a high-precision
+// pool branch, a low-precision pool branch (with a sidecar) and a direct
+// branch. The only pymoe file that includes llama.cpp internals
 // (src/llama-ext.h, the staging header our patch 0002 extends).
 #include "pymoe-engine.h"
 
@@ -23,33 +24,44 @@ class moe_hook : public llama_moe_hook {
             layer.n_expert_used != eng_.plan_tensors(il).ids_pool->ne[0]) {
             return nullptr;  // upstream builds this layer from the model's tensors
         }
-        // the model's expert tensors are llama.cpp's lazy mapping of the file
+        // the model's expert tensors are llama.cpp's mapping of the file (or host copies)
         ggml_tensor * model_w[PROJ_COUNT] = { layer.gate_exps, layer.up_exps, layer.down_exps, layer.gate_up_exps };
         for (const auto & p : el->projs) {
             ggml_tensor * t = model_w[p.kind];
             GGML_ASSERT(t && t->type == p.type && t->ne[0] == p.ne[0] && t->ne[1] == p.ne[1] && t->ne[2] == p.ne[2]);
             eng_.store().set_host(il, p.kind, static_cast<const uint8_t *>(t->data));
         }
-        eng_.note_layer_built(il, layer.selected, layer.weights);
+        eng_.note_layer_built(il, { layer.selected, layer.weights, layer.input });
+        if (eng_.predictor()) {
+            eng_.predictor()->set_router(il, layer.gate_inp, layer.exp_probs_b, layer.gating_op);
+        }
 
         // views of the persistent plan tensors for this ubatch: [n_used, n_tokens]
         const layer_plan_tensors & pt   = eng_.plan_tensors(il);
         auto                       view = [&](ggml_tensor * t) {
             return ggml_view_2d(ctx, t, t->ne[0], layer.n_tokens, t->nb[1], 0);
         };
+        auto pool_branch = [&](expert_cache * cache, ggml_tensor * ids, ggml_tensor * ids_b) -> ggml_tensor * {
+            const int32_t c = cache ? cache->class_of(il) : -1;
+            if (c < 0 || cache->cls(c).n_slots == 0) {
+                return nullptr;
+            }
+            ggml_tensor * const * pool = cache->cls(c).tensors;
+            return chain(pool[PROJ_UP], pool[PROJ_GATE], pool[PROJ_DOWN], pool[PROJ_GATE_UP], view(ids),
+                         view(ids_b));  // [n_embd, n_used, n_tokens]
+        };
 
-        ggml_tensor * out = nullptr;
-        const int32_t c   = eng_.cache().class_of(il);
-        if (c >= 0 && eng_.cache().cls(c).n_slots > 0) {
-            ggml_tensor * const * pool = eng_.cache().cls(c).tensors;
-            out = chain(pool[PROJ_UP], pool[PROJ_GATE], pool[PROJ_DOWN], pool[PROJ_GATE_UP], view(pt.ids_pool),
-                        view(pt.ids_pool_b));  // [n_embd, n_used, n_tokens]
-        }
         ggml_tensor * ids_direct = view(pt.ids_direct);
-        ggml_tensor * direct     = chain(layer.up_exps, layer.gate_exps, layer.down_exps, layer.gate_up_exps,
+        ggml_tensor * out        = chain(layer.up_exps, layer.gate_exps, layer.down_exps, layer.gate_up_exps,
                                          ids_direct, ids_direct);  // [n_embd, n_used, n_tokens]
-        // every pair belongs to one branch and the other's row is zero: the sum is exact
-        return out ? ggml_add(ctx, out, direct) : direct;
+        // every pair belongs to one branch and the others' rows are zero: the sum is exact
+        for (ggml_tensor * b : { pool_branch(&eng_.cache(), pt.ids_pool, pt.ids_pool_b),
+                                 pool_branch(eng_.cache_lo(), pt.ids_lo, pt.ids_lo_b) }) {
+            if (b) {
+                out = ggml_add(ctx, b, out);
+            }
+        }
+        return out;
     }
 
   private:

@@ -103,7 +103,8 @@ model::model(const model_params & params) : params_(params) {
         engine_ = std::make_unique<engine>(params.path, params.offload, llama_model_n_layer(model_.get()),
                                            meta_int(model_.get(), arch + ".expert_count"),
                                            meta_int(model_.get(), arch + ".expert_used_count"),
-                                           (int32_t) std::max(cp.n_batch, cp.n_ubatch), ggml_backend_cpu_buffer_type());
+                                           llama_model_n_embd(model_.get()), (int32_t) std::max(cp.n_batch, cp.n_ubatch),
+                                           ggml_backend_cpu_buffer_type());
         cp.moe_hook          = engine_->hook();
         cp.cb_eval           = engine::eval_callback;
         cp.cb_eval_user_data = engine_.get();

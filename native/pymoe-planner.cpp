@@ -2,13 +2,13 @@
 #include "pymoe-planner.h"
 
 #include <algorithm>
-#include <numeric>
 
 namespace pymoe {
 
-double plan_load_seconds(const plan_request & req, int32_t n_tokens) {
-    const cost_model & c = req.cost;
-    double             t = c.read_bw > 0 ? (double) req.expert_bytes / c.read_bw : 0.0;
+double plan_load_seconds(const plan_request & req, int32_t n_tokens, bool lo) {
+    const cost_model & c     = req.cost;
+    const uint64_t     bytes = lo ? req.expert_bytes_lo : req.expert_bytes;
+    double             t     = c.read_bw > 0 ? (double) bytes / c.read_bw : 0.0;
     if (c.fast_flops > 0) {
         t += n_tokens * req.flops_per_token / c.fast_flops;
     }
@@ -29,8 +29,12 @@ std::vector<expert_action> plan_layer(const plan_request & req) {
     std::vector<expert_action> out(n, ACTION_DIRECT);
     std::vector<size_t>        misses;
     for (size_t i = 0; i < n; ++i) {
-        if (req.experts[i].cached) {
+        const planned_expert & x         = req.experts[i];
+        const bool             important = x.weight >= req.lo_threshold;
+        if (x.cached) {
             out[i] = ACTION_HIT;
+        } else if (x.cached_lo && !important) {
+            out[i] = ACTION_HIT_LO;
         } else {
             misses.push_back(i);
         }
@@ -43,16 +47,22 @@ std::vector<expert_action> plan_layer(const plan_request & req) {
         }
         return x.weight > y.weight;
     });
-    int32_t capacity = req.capacity;
+    int32_t      cap_hi = req.capacity;
+    int32_t      cap_lo = req.capacity_lo;
+    const double reuse  = std::max(1.0, req.cost.reuse);
     for (size_t i : misses) {
-        if (!req.admit || capacity <= 0) {
+        if (!req.admit) {
             break;
         }
-        const int32_t nt    = req.experts[i].n_tokens;
-        const double  reuse = std::max(1.0, req.cost.reuse);
-        if (!req.assist || plan_load_seconds(req, nt) <= plan_direct_seconds(req, nt) * reuse) {
+        const planned_expert & x        = req.experts[i];
+        const double           t_direct = plan_direct_seconds(req, x.n_tokens) * reuse;
+        const bool             want_lo  = x.weight < req.lo_threshold && req.expert_bytes_lo > 0;
+        if (want_lo && cap_lo > 0 && (!req.assist || plan_load_seconds(req, x.n_tokens, true) <= t_direct)) {
+            out[i] = ACTION_LOAD_LO;
+            --cap_lo;
+        } else if (cap_hi > 0 && (!req.assist || plan_load_seconds(req, x.n_tokens) <= t_direct)) {
             out[i] = ACTION_LOAD;
-            --capacity;
+            --cap_hi;
         }
     }
     return out;

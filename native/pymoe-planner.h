@@ -8,12 +8,14 @@
 namespace pymoe {
 
 enum expert_action : int8_t {
-    ACTION_HIT    = 0, // in a slot: compute from the pool
-    ACTION_LOAD   = 1, // read into a slot, then compute from the pool
-    ACTION_DIRECT = 2, // compute from the model's own tensors, where the weights live
+    ACTION_HIT     = 0, // a high-precision slot holds it
+    ACTION_LOAD    = 1, // read it into a high-precision slot
+    ACTION_DIRECT  = 2, // compute it from the model's own tensors, where the weights live
+    ACTION_HIT_LO  = 3, // a low-precision slot holds it (HOBBIT)
+    ACTION_LOAD_LO = 4, // read its low-precision copy into a low-precision slot
 };
 
-// Measured on the machine at start-up (see engine::calibrate); 0 means "free".
+// Measured on the machine (see engine::start); 0 means "free".
 struct cost_model {
     double read_bw    = 0;   // bytes/s into a slot
     double direct_bw  = 0;   // bytes/s the direct branch pays to bring an expert where it computes
@@ -24,29 +26,40 @@ struct cost_model {
 
 struct planned_expert {
     int32_t expert;
-    int32_t n_tokens; // pairs of this step routed to it
-    float   weight;   // its summed gate weight over those pairs
-    bool    cached;
+    int32_t n_tokens;  // pairs of this step routed to it
+    float   weight;    // its largest gate weight among those pairs: how much it matters
+    bool    cached;    // in a high-precision slot
+    bool    cached_lo = false; // in a low-precision slot
 };
 
 struct plan_request {
-    std::vector<planned_expert> experts;        // the distinct experts of the step
-    int32_t                     capacity = 0;   // slots the step may take (not pinned by its own hits)
+    std::vector<planned_expert> experts;         // the distinct experts of the step
+    int32_t                     capacity    = 0; // high-precision slots the step may take (not pinned)
+    int32_t                     capacity_lo = 0; // low-precision slots the step may take
     bool                        admit    = true; // the policy lets a miss take a slot
     bool                        assist   = true; // the cost model may send a miss to the direct branch
+    float                       lo_threshold = 0; // gate weight below which low precision will do (0: never)
     uint64_t                    expert_bytes    = 0;
+    uint64_t                    expert_bytes_lo = 0;
     double                      flops_per_token = 0; // 2 x parameters of one expert
     cost_model                  cost;
 };
 
-// One action per entry of req.experts, in the same order. Hits stay hits;
-// misses are considered by most tokens first (then weight): a miss is loaded
-// while slots remain and (with assist) loading it costs no more than serving
-// it directly times the expected reuse; otherwise it is served directly.
+// One action per entry of req.experts, in the same order.
+//  - in a high-precision slot: HIT;
+//  - unimportant (weight < lo_threshold) and in a low-precision slot: HIT_LO;
+//  - otherwise a miss, considered by most tokens first, then largest weight:
+//    an unimportant one loads its low-precision copy while low slots remain,
+//    else (or an important one) its high-precision copy while high slots
+//    remain; with assist, a load must cost no more than serving the expert
+//    directly times the expected reuse. What is not loaded is computed
+//    directly, at high precision. An important expert held only in low
+//    precision is thereby upgraded (loaded high) or served directly: low
+//    precision is only ever used for unimportant pairs.
 std::vector<expert_action> plan_layer(const plan_request & req);
 
 // the time estimates behind the decision, exposed for tests and stats
-double plan_load_seconds(const plan_request & req, int32_t n_tokens);
+double plan_load_seconds(const plan_request & req, int32_t n_tokens, bool lo = false);
 double plan_direct_seconds(const plan_request & req, int32_t n_tokens);
 
 }  // namespace pymoe

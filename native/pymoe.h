@@ -130,13 +130,28 @@ struct offload_params {
     //         flow with the slots in RAM.
     std::string         tier       = "disk";
     uint64_t            budget     = 0;      // bytes of fast memory for expert slots (all pools together)
-    std::string         policy     = "lru";  // eviction: "lru", "lfu", "static" (hot set from `profile`)
+    std::string         policy     = "lru";  // eviction: "lru", "lfu", "multidim", "static" (hot set from `profile`)
+    double              w_recency   = 1.0;   // "multidim": weights of its score
+    double              w_frequency = 1.0;
+    double              w_precision = 1.0;
     std::vector<double> profile;             // "static": usage per expert, [n_layer * n_expert], layer-major
     bool                cpu_assist = true;   // a miss may be computed where its weights are, when the cost
                                              // model says that is cheaper than loading it (Fiddler); off:
                                              // every miss takes a slot while slots remain
     bool                direct_io  = true;   // O_DIRECT for slot loads, falls back to buffered reads
     int32_t             io_threads = 4;      // parallel reads when a layer misses several experts
+    // Mixed precision (HOBBIT): a sidecar GGUF with a low-precision copy of every
+    // expert. `lo_share` of the budget holds low-precision slots; a pair whose
+    // gate weight is below `lo_threshold` may be served by such a slot.
+    std::string         lo_path;
+    double              lo_share     = 0.25;
+    float               lo_threshold = 0.0f;  // 0: never low precision
+    // Prefetching: after layer L's router, predict layers L+1 .. L+depth with
+    // their own routers applied to layer L's hidden state and load the
+    // predicted experts in the background (depth > 1 only when the loader is idle).
+    bool                prefetch            = false;
+    int32_t             prefetch_depth      = 1;
+    int32_t             prefetch_max_tokens = 4;  // larger ubatches (prefill) are not predicted
     // Benchmark mode, never on by default: the experts of every (token, layer)
     // come from a recorded trace instead of the router, so a model with random
     // weights sees a real model's access pattern. [rows, n_layer, n_expert_used],
@@ -158,6 +173,19 @@ struct layer_stats {
     uint64_t bytes_direct = 0;  // expert bytes the direct branch touched
     double   load_seconds = 0;  // reading into slots (the decode waits for it)
     double   plan_seconds = 0;  // planning and bookkeeping at the sync point
+    // mixed precision
+    uint64_t hits_lo         = 0; // distinct experts of a step served by a low-precision slot (hits)
+    uint64_t loads_lo        = 0; // low-precision copies read into a slot
+    uint64_t lo_pairs        = 0; // pairs computed in low precision
+    uint64_t upgrades        = 0; // experts moved from a low- to a high-precision slot
+    uint64_t bytes_loaded_lo = 0;
+    // prefetching (the predictions made for this layer)
+    uint64_t prefetch_predicted = 0; // distinct experts predicted
+    uint64_t prefetch_correct   = 0; // predicted and chosen
+    uint64_t prefetch_missed    = 0; // chosen but not predicted
+    uint64_t prefetch_loads     = 0; // predicted experts loaded in the background
+    uint64_t prefetch_bytes     = 0;
+    double   prefetch_wait_seconds = 0; // the decode waited for a background load: exposed time
 };
 
 struct offload_stats {
@@ -169,6 +197,11 @@ struct offload_stats {
     int32_t                  n_expert   = 0;
     std::string              policy;
     double                   read_bandwidth = 0; // bytes/s of slot loads, measured at start-up
+    uint64_t                 pool_bytes_lo  = 0; // low-precision slots
+    int32_t                  n_slots_lo     = 0;
+    float                    lo_threshold   = 0;
+    bool                     prefetch       = false;
+    double                   prefetch_busy_seconds = 0; // the background loader's time: hidden + exposed
     std::vector<layer_stats> layers;             // by layer index; dense layers stay zero
     std::vector<uint64_t>    expert_pairs;       // [n_layer * n_expert] pairs routed to each expert
 };

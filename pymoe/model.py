@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _core
 from .gguf_info import GGUFSummary, check_gguf_path, summarize
-from .offload import OffloadConfig, resolve_tier, summarize_stats
+from .offload import DEFAULT_LO_THRESHOLD, OffloadConfig, resolve_sidecar, resolve_tier, summarize_stats
 
 Message = dict[str, str]
 Tokens = Sequence[int] | np.ndarray  # token ids: a list or a 1-D integer array
@@ -128,6 +128,16 @@ class Model:
         n_expert_used] (e.g. ``pymoe.traces.load_trace(f).fit(...)``) that
         replace the router's choices, so that a model with random weights
         sees a real model's access pattern. The outputs are meaningless.
+    sidecar: the low-precision copy of the experts (`pymoe convert` writes
+        MODEL.lo.gguf; "auto" uses that file when it exists). With it,
+        `lo_share` of the budget holds low-precision slots and a pair whose
+        gate weight is below `lo_threshold` may be computed in low precision
+        (HOBBIT's token-level dynamic precision).
+    prefetch: predict the next `prefetch_depth` layers' experts (their
+        routers applied to the current hidden state) and load them in the
+        background while the current layer computes.
+    multidim_weights: (recency, frequency, precision) weights of the
+        "multidim" policy's score.
     verbose: let llama.cpp log to stderr.
     """
 
@@ -151,6 +161,12 @@ class Model:
         cpu_assist: bool = True,
         direct_io: bool = True,
         replay: Any = None,
+        sidecar: str | os.PathLike[str] | None = None,
+        lo_share: float = 0.25,
+        lo_threshold: float = DEFAULT_LO_THRESHOLD,
+        prefetch: bool = False,
+        prefetch_depth: int = 1,
+        multidim_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
         verbose: bool = False,
     ) -> None:
         self.path = Path(path)
@@ -166,6 +182,7 @@ class Model:
             n_ctx=n_ctx or min(int(ctx_train) if isinstance(ctx_train, int) else 4096, 4096),
         )
         profile_list = np.asarray(profile, dtype=np.float64).ravel().tolist() if profile is not None else []
+        self.sidecar = resolve_sidecar(self.path, sidecar) if self.offload.enabled else None
         if replay is not None:
             if not self.offload.enabled:
                 raise ValueError("replaying a routing trace needs the offload engine: pass offload='on'")
@@ -194,6 +211,12 @@ class Model:
             offload_tier=resolve_tier(offload_tier),
             cpu_assist=cpu_assist,
             replay=np.asarray(replay, dtype=np.int32).ravel().tolist() if replay is not None else [],
+            lo_path=str(self.sidecar or ""),
+            lo_share=lo_share,
+            lo_threshold=lo_threshold,
+            prefetch=prefetch,
+            prefetch_depth=prefetch_depth,
+            multidim=tuple(float(w) for w in multidim_weights),
         )
         self._lock = threading.RLock()
         self._past: list[int] = []  # tokens whose KV cache sequence 0 holds, in order

@@ -173,6 +173,26 @@ class OffloadConfig:
 
 TIERS = ("auto", "disk", "host")
 
+# gate weight below which a pair may use the low-precision copy: see docs/design.md
+# ("Mixed precision: the default threshold") for the measurement behind it
+DEFAULT_LO_THRESHOLD = 0.25
+
+
+def resolve_sidecar(main: Path, sidecar: str | os.PathLike[str] | None) -> Path | None:
+    """The low-precision sidecar to use: None (none), "auto" (MODEL.lo.gguf
+    beside the model when it exists) or a path, checked to belong to `main`."""
+    from .sidecar import check_sidecar, default_sidecar_path
+
+    if sidecar is None:
+        return None
+    if str(sidecar) == "auto":
+        candidate = default_sidecar_path(main)
+        if not candidate.is_file():
+            return None
+        sidecar = candidate
+    check_sidecar(main, sidecar)
+    return Path(sidecar)
+
 
 def resolve_tier(tier: str) -> str:
     """'auto': the host tier when this build has a GPU fast tier, else the disk tier."""
@@ -183,44 +203,54 @@ def resolve_tier(tier: str) -> str:
     return tier
 
 
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+STAT_KEYS = (
+    "steps", "pairs", "hits", "misses", "loads", "direct", "evictions", "pool_pairs", "direct_pairs",
+    "bytes_loaded", "bytes_direct", "load_seconds", "plan_seconds", "hits_lo", "loads_lo", "lo_pairs",
+    "upgrades", "bytes_loaded_lo", "prefetch_predicted", "prefetch_correct", "prefetch_missed",
+    "prefetch_loads", "prefetch_bytes", "prefetch_wait_seconds",
+)  # fmt: skip
+
+
 def summarize_stats(raw: dict[str, Any], tokens: int | None = None) -> dict[str, Any]:
-    """Totals and per-layer lists from the engine's counters."""
+    """Totals, rates and per-layer lists from the engine's counters."""
     layers = raw["layers"]
-    keys = (
-        "steps",
-        "pairs",
-        "hits",
-        "misses",
-        "loads",
-        "direct",
-        "evictions",
-        "pool_pairs",
-        "direct_pairs",
-        "bytes_loaded",
-        "bytes_direct",
-        "load_seconds",
-        "plan_seconds",
-    )
-    total = {k: sum(layer[k] for layer in layers) for k in keys}
-    lookups = total["hits"] + total["misses"]
+    total = {k: sum(layer[k] for layer in layers) for k in STAT_KEYS}
+    lookups = total["hits"] + total["hits_lo"] + total["misses"]
     out: dict[str, Any] = {
         "tier": raw["tier"],
         "policy": raw["policy"],
         "budget": raw["budget"],
         "pool_bytes": raw["pool_bytes"],
         "n_slots": raw["n_slots"],
+        "pool_bytes_lo": raw["pool_bytes_lo"],
+        "n_slots_lo": raw["n_slots_lo"],
+        "lo_threshold": raw["lo_threshold"],
         "read_bandwidth": raw["read_bandwidth"],
-        "hit_rate": total["hits"] / lookups if lookups else 0.0,
-        "pool_share": total["pool_pairs"] / total["pairs"] if total["pairs"] else 0.0,
+        "prefetch": raw["prefetch"],
+        "prefetch_busy_seconds": raw["prefetch_busy_seconds"],
+        "hit_rate": _ratio(total["hits"] + total["hits_lo"], lookups) or 0.0,
+        "pool_share": _ratio(total["pool_pairs"] + total["lo_pairs"], total["pairs"]) or 0.0,
+        "lo_share_of_pairs": _ratio(total["lo_pairs"], total["pairs"]) or 0.0,
+        "prefetch_precision": _ratio(total["prefetch_correct"], total["prefetch_predicted"]),
+        "prefetch_recall": _ratio(total["prefetch_correct"], total["prefetch_correct"] + total["prefetch_missed"]),
         **total,
         "per_layer": {
             "hit_rate": [
-                (lay["hits"] / (lay["hits"] + lay["misses"])) if lay["hits"] + lay["misses"] else None for lay in layers
+                _ratio(lay["hits"] + lay["hits_lo"], lay["hits"] + lay["hits_lo"] + lay["misses"]) for lay in layers
             ],
             "loads": [lay["loads"] for lay in layers],
             "direct": [lay["direct"] for lay in layers],
+            "prefetch_precision": [_ratio(lay["prefetch_correct"], lay["prefetch_predicted"]) for lay in layers],
+            "prefetch_recall": [
+                _ratio(lay["prefetch_correct"], lay["prefetch_correct"] + lay["prefetch_missed"]) for lay in layers
+            ],
         },
     }
     if tokens:
-        out["bytes_moved_per_token"] = (total["bytes_loaded"] + total["bytes_direct"]) / tokens
+        moved = total["bytes_loaded"] + total["bytes_loaded_lo"] + total["bytes_direct"] + total["prefetch_bytes"]
+        out["bytes_moved_per_token"] = moved / tokens
     return out

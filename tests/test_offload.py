@@ -157,16 +157,21 @@ HIT, LOAD, DIRECT = 0, 1, 2
 
 
 def test_planner_hits_loads_by_tokens_then_direct():
-    experts = [(0, 1, 0.5, True), (1, 5, 0.9, False), (2, 9, 0.3, False), (3, 2, 0.8, False)]
+    experts = [
+        (0, 1, 0.5, True, False),
+        (1, 5, 0.9, False, False),
+        (2, 9, 0.3, False, False),
+        (3, 2, 0.8, False, False),
+    ]
     assert _core.plan_layer(experts, capacity=2) == [HIT, LOAD, LOAD, DIRECT]
     assert _core.plan_layer(experts, capacity=0) == [HIT, DIRECT, DIRECT, DIRECT]
     assert _core.plan_layer(experts, capacity=9, admit=False) == [HIT, DIRECT, DIRECT, DIRECT]
     # equal token counts: the larger gate weight first
-    assert _core.plan_layer([(5, 3, 0.1, False), (6, 3, 0.7, False)], capacity=1) == [DIRECT, LOAD]
+    assert _core.plan_layer([(5, 3, 0.1, False, False), (6, 3, 0.7, False, False)], capacity=1) == [DIRECT, LOAD]
 
 
 def test_planner_cost_model():
-    miss = [(0, 1, 1.0, False)]
+    miss = [(0, 1, 1.0, False, False)]
     expert_bytes, flops = 100_000_000, 2 * 50_000_000
     # weights in host RAM, compute on a slow CPU vs loading over a fast link to a fast device
     kw = dict(capacity=4, expert_bytes=expert_bytes, flops_per_token=flops, direct_bw=0.0)
@@ -177,15 +182,15 @@ def test_planner_cost_model():
     assert _core.plan_layer(miss, read_bw=1e9, fast_flops=1e14, slow_flops=5e11, reuse=1000, **kw) == [LOAD]
     assert _core.plan_layer(miss, read_bw=1e9, fast_flops=1e14, slow_flops=5e11, assist=False, **kw) == [LOAD]
     # a prefill expert with many tokens: loading wins
-    many = [(0, 512, 200.0, False)]
+    many = [(0, 512, 1.0, False, False)]
     assert _core.plan_layer(many, read_bw=1e9, fast_flops=1e14, slow_flops=5e11, **kw) == [LOAD]
     # the disk tier: both paths read the same disk, so a free slot is always used
     assert _core.plan_layer(miss, capacity=1, expert_bytes=expert_bytes, read_bw=1e9, direct_bw=1e9) == [LOAD]
 
 
 def test_policies_pick_their_victims():
-    # (layer, expert, last_use, uses, profile)
-    slots = [(0, 0, 5, 10, 0.1), (0, 1, 2, 50, 0.9), (1, 0, 9, 1, 0.5), (1, 3, 7, 1, 0.05)]
+    # (layer, expert, last_use, uses, profile, hi_uses)
+    slots = [(0, 0, 5, 10, 0.1, 0), (0, 1, 2, 50, 0.9, 0), (1, 0, 9, 1, 0.5, 0), (1, 3, 7, 1, 0.05, 0)]
     assert _core.policy_pick_victim("lru", slots) == 1
     assert _core.policy_pick_victim("lfu", slots) == 3  # fewest uses, ties by recency: last_use 7 < 9
     assert _core.policy_pick_victim("static", slots) == 3  # coldest in the profile

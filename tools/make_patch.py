@@ -3,6 +3,9 @@
 
     python tools/make_patch.py native/patches/0001-ggml-mul-mat-id-skip.patch [--files F ...]
 
+With --files, only those files' diffs are regenerated; the patch's other diffs stay as they are
+(use that when a later patch changes another file of this one).
+
 The patch's base is the pristine tree plus the patches numbered before it, so
 patches that touch the same file stay independent and apply in order. The
 patch keeps its header (the text before the first `diff --git`: why the patch
@@ -44,7 +47,10 @@ def main() -> int:
     if not header.strip():
         print(f"{patch.name}: write a header first (why this patch exists), then run again", file=sys.stderr)
         return 1
-    files = args.files or sorted(set(re.findall(r"^diff --git a/(\S+) b/", text, flags=re.M)))
+    # the patch's current diffs, by file: with --files only those are regenerated, the others kept
+    kept = {m.group(1): m.group(0) for m in re.finditer(r"^diff --git a/(\S+) b/.*?(?=^diff --git |\Z)", text,
+                                                        flags=re.M | re.S)}
+    files = args.files or sorted(kept)
     if not files:
         print("no files: pass --files", file=sys.stderr)
         return 1
@@ -62,7 +68,6 @@ def main() -> int:
         base = Path(tmp) / "base"
         fetch.extract(fetch.download_sdist(), base)
         fetch.apply_patches(base, earlier)
-        diffs = []
         for f in files:
             proc = subprocess.run(
                 [
@@ -82,9 +87,8 @@ def main() -> int:
             if proc.returncode not in (0, 1):
                 print(proc.stderr, file=sys.stderr)
                 return 1
-            out = proc.stdout.replace(f"a/base/{f}", f"a/{f}").replace(f"b{TREE}/{f}", f"b/{f}")
-            diffs.append(out)
-    patch.write_text(header + "".join(diffs))
+            kept[f] = proc.stdout.replace(f"a/base/{f}", f"a/{f}").replace(f"b{TREE}/{f}", f"b/{f}")
+    patch.write_text(header + "".join(d for d in kept.values() if d))
     print(f"{patch.name}: {len(files)} files", file=sys.stderr)
     return 0
 

@@ -1,0 +1,213 @@
+// Prefetching (see pymoe-prefetch.h).
+#include "pymoe-prefetch.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <stdexcept>
+
+namespace pymoe {
+
+void router_topk(const float * w, const float * bias, int32_t gating, int64_t n_expert, int64_t n_embd,
+                 const float * x, int64_t n_tokens, int32_t k, std::vector<predicted_expert> & out) {
+    out.clear();
+    k = (int32_t) std::min<int64_t>(k, n_expert);
+    std::vector<float>   logit((size_t) n_expert), score((size_t) n_expert), best((size_t) n_expert, -1.0f);
+    std::vector<int32_t> idx((size_t) n_expert);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const float * xt = x + t * n_embd;
+        for (int64_t e = 0; e < n_expert; ++e) {
+            const float * we = w + e * n_embd;
+            double        s  = 0.0;
+            for (int64_t j = 0; j < n_embd; ++j) {
+                s += (double) we[j] * xt[j];
+            }
+            logit[e] = (float) s;
+        }
+        // the gating function, then the selection bias (DeepSeek-V3 adds it to sigmoid scores)
+        if (gating == GATING_SIGMOID) {
+            for (int64_t e = 0; e < n_expert; ++e) {
+                score[e] = 1.0f / (1.0f + std::exp(-logit[e]));
+            }
+        } else if (gating == GATING_SQRT_SOFTPLUS) {
+            for (int64_t e = 0; e < n_expert; ++e) {
+                score[e] = std::sqrt(std::log1p(std::exp(logit[e])));
+            }
+        } else {  // softmax (or softmax over the chosen: the order is the logits' order)
+            const float mx = *std::max_element(logit.begin(), logit.end());
+            double      z  = 0.0;
+            for (int64_t e = 0; e < n_expert; ++e) {
+                score[e] = std::exp(logit[e] - mx);
+                z += score[e];
+            }
+            for (int64_t e = 0; e < n_expert; ++e) {
+                score[e] = (float) (score[e] / z);
+            }
+        }
+        for (int64_t e = 0; e < n_expert; ++e) {
+            idx[e] = (int32_t) e;
+        }
+        std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+            const float sa = score[a] + (bias ? bias[a] : 0.0f);
+            const float sb = score[b] + (bias ? bias[b] : 0.0f);
+            return sa != sb ? sa > sb : a < b;
+        });
+        double sum = 0.0;
+        for (int32_t i = 0; i < k; ++i) {
+            sum += score[idx[i]];
+        }
+        for (int32_t i = 0; i < k; ++i) {
+            const float wgt = sum > 0 ? (float) (score[idx[i]] / sum) : 1.0f / k;
+            best[idx[i]]    = std::max(best[idx[i]], wgt);
+        }
+    }
+    for (int64_t e = 0; e < n_expert; ++e) {
+        if (best[e] >= 0.0f) {
+            out.emplace_back((int32_t) e, best[e]);
+        }
+    }
+}
+
+router_predictor::router_predictor(int32_t n_layer, int64_t n_embd) : n_embd_(n_embd), routers_((size_t) n_layer) {}
+
+void router_predictor::set_router(int32_t il, const ggml_tensor * gate_inp, const ggml_tensor * bias, int32_t gating) {
+    if (il < 0 || il >= (int32_t) routers_.size() || !gate_inp || gate_inp->ne[0] != n_embd_) {
+        return;
+    }
+    router & r = routers_[il];
+    if (r.gate_inp != gate_inp) {
+        r = router{ gate_inp, bias, gating, gate_inp->ne[1], {}, {} };
+    }
+}
+
+namespace {
+
+std::vector<float> to_float(const ggml_tensor * t) {
+    std::vector<uint8_t> raw(ggml_nbytes(t));
+    if (t->buffer && !ggml_backend_buffer_is_host(t->buffer)) {
+        ggml_backend_tensor_get(t, raw.data(), 0, raw.size());
+    } else {
+        std::copy((const uint8_t *) t->data, (const uint8_t *) t->data + raw.size(), raw.begin());
+    }
+    std::vector<float> out((size_t) ggml_nelements(t));
+    if (t->type == GGML_TYPE_F32) {
+        std::copy((const float *) raw.data(), (const float *) raw.data() + out.size(), out.begin());
+    } else {
+        const auto * traits = ggml_get_type_traits(t->type);
+        if (!traits->to_float) {
+            throw std::runtime_error(std::string("a router of type ") + ggml_type_name(t->type) +
+                                     " cannot be read for prediction");
+        }
+        traits->to_float(raw.data(), out.data(), (int64_t) out.size());
+    }
+    return out;
+}
+
+}  // namespace
+
+bool router_predictor::predict(int32_t il, const float * x, int64_t n_tokens, int32_t k,
+                               std::vector<predicted_expert> & out) {
+    if (il < 0 || il >= (int32_t) routers_.size() || !routers_[il].gate_inp) {
+        return false;
+    }
+    router & r = routers_[il];
+    if (r.w.empty()) {
+        r.w = to_float(r.gate_inp);
+        if (r.bias) {
+            r.b = to_float(r.bias);
+        }
+    }
+    router_topk(r.w.data(), r.b.empty() ? nullptr : r.b.data(), r.gating, r.n_expert, n_embd_, x, n_tokens, k, out);
+    return true;
+}
+
+//
+// async_loader
+//
+
+async_loader::async_loader(int io_threads) : io_(io_threads), thread_([this] { loop(); }) {}
+
+async_loader::~async_loader() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+}
+
+async_loader::flag async_loader::submit(expert_store & store, expert_store::read_job job) {
+    flag done = std::make_shared<std::atomic<int>>(0);
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        queue_.push_back({ &store, std::move(job), done });
+    }
+    cv_.notify_all();
+    return done;
+}
+
+double async_loader::wait(const flag & done) {
+    if (done->load() != 0) {
+        return 0.0;
+    }
+    const auto                   t0 = std::chrono::steady_clock::now();
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_done_.wait(lock, [&] { return done->load() != 0; });
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+bool async_loader::idle() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return queue_.empty() && !busy_;
+}
+
+double async_loader::busy_seconds() const {
+    return (double) busy_ns_.load() * 1e-9;
+}
+
+std::string async_loader::take_error() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::string                 e;
+    std::swap(e, error_);
+    return e;
+}
+
+void async_loader::loop() {
+    for (;;) {
+        job j;
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+            if (stop_ && queue_.empty()) {
+                return;
+            }
+            j = std::move(queue_.front());
+            queue_.pop_front();
+            busy_ = true;
+        }
+        const auto t0     = std::chrono::steady_clock::now();
+        int        result = 1;
+        try {
+            bytes_ += j.store->read_experts({ j.read }, &io_);
+        } catch (const std::exception & ex) {
+            result = -1;
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (error_.empty()) {
+                error_ = std::string("prefetch: ") + ex.what();
+            }
+        }
+        busy_ns_ += (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - t0).count();
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            j.done->store(result);
+            busy_ = false;
+        }
+        cv_done_.notify_all();
+    }
+}
+
+}  // namespace pymoe

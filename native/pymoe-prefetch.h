@@ -1,0 +1,123 @@
+// Prefetching: predict the experts of the next layers and load them in the
+// background while the current layer computes.
+#pragma once
+
+#include "pymoe-expert-store.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+struct ggml_tensor;
+
+namespace pymoe {
+
+enum gating_func : int32_t {  // the values of llama.cpp's llama_expert_gating_func_type
+    GATING_NONE           = 0,
+    GATING_SOFTMAX        = 1,
+    GATING_SIGMOID        = 2,
+    GATING_SOFTMAX_WEIGHT = 3,
+    GATING_SQRT_SOFTPLUS  = 4,
+};
+
+// One predicted expert: its id and the largest weight it is predicted to get
+// over the step's tokens (weights normalised over each token's top-k).
+using predicted_expert = std::pair<int32_t, float>;
+
+// Predicts which experts of a layer tokens will choose, from an earlier
+// layer's hidden state. A wrong guess costs bandwidth, never correctness.
+class expert_predictor {
+  public:
+    virtual ~expert_predictor() = default;
+
+    virtual const char * name() const = 0;
+
+    // x: [n_tokens, n_embd] float32, the hidden state some layer before `il`
+    // fed its experts. Returns false when `il` cannot be predicted.
+    virtual bool predict(int32_t il, const float * x, int64_t n_tokens, int32_t k,
+                         std::vector<predicted_expert> & out) = 0;
+};
+
+// The top-k of a router applied to hidden states (pure; unit-tested):
+// w [n_expert, n_embd] row-major (one row per expert), bias [n_expert] or null
+// (added for the selection only, as DeepSeek-V3's correction bias is).
+void router_topk(const float * w, const float * bias, int32_t gating, int64_t n_expert, int64_t n_embd,
+                 const float * x, int64_t n_tokens, int32_t k, std::vector<predicted_expert> & out);
+
+// "Apply layer L's router to the hidden state of layer L-1 (or earlier)":
+// a strong predictor in published measurements.
+class router_predictor : public expert_predictor {
+  public:
+    router_predictor(int32_t n_layer, int64_t n_embd);
+
+    const char * name() const override { return "next-router"; }
+
+    // the router of layer il, as the model holds it (any type ggml converts to float)
+    void set_router(int32_t il, const ggml_tensor * gate_inp, const ggml_tensor * bias, int32_t gating);
+
+    bool predict(int32_t il, const float * x, int64_t n_tokens, int32_t k, std::vector<predicted_expert> & out) override;
+
+  private:
+    struct router {
+        const ggml_tensor * gate_inp = nullptr;
+        const ggml_tensor * bias     = nullptr;
+        int32_t             gating   = GATING_SOFTMAX;
+        int64_t             n_expert = 0;
+        std::vector<float>  w;       // float copy, made at the first prediction
+        std::vector<float>  b;
+    };
+    int64_t             n_embd_;
+    std::vector<router> routers_;
+};
+
+// Loads in the background: one thread takes jobs in order and reads each with
+// its own io_pool (so foreground loads never queue behind it).
+class async_loader {
+  public:
+    // 0 while queued or reading, 1 when the bytes are in place, -1 when the read failed
+    using flag = std::shared_ptr<std::atomic<int>>;
+
+    explicit async_loader(int io_threads);
+    ~async_loader();
+
+    // queues a read
+    flag submit(expert_store & store, expert_store::read_job job);
+    // blocks until `done` is no longer 0; returns the seconds waited
+    double wait(const flag & done);
+    bool   idle();
+
+    uint64_t bytes() const { return bytes_.load(); }
+    double   busy_seconds() const;
+
+    // a failure of a background read, reported once
+    std::string take_error();
+
+  private:
+    void loop();
+
+    struct job {
+        expert_store *          store;
+        expert_store::read_job  read;
+        flag                    done;
+    };
+
+    io_pool                 io_;
+    std::thread             thread_;
+    std::mutex              mutex_;
+    std::condition_variable cv_;
+    std::condition_variable cv_done_;
+    std::deque<job>         queue_;
+    bool                    busy_ = false;
+    bool                    stop_ = false;
+    std::atomic<uint64_t>   bytes_{ 0 };
+    std::atomic<uint64_t>   busy_ns_{ 0 };
+    std::string             error_;
+};
+
+}  // namespace pymoe
