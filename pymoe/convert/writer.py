@@ -13,7 +13,9 @@ import contextlib
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -179,6 +181,12 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
                 thread.join(0.05)
 
 
+# values per quantisation job: a few ms of work, so that jobs spread evenly
+# over the threads even on a busy machine (a slow thread holds up one job, not
+# a whole tensor) while the per-job overhead stays small
+_JOB_VALUES = 1 << 20
+
+
 def write_tensors(
     outputs: list[OutputTensor],
     main: GGUFStream,
@@ -188,8 +196,13 @@ def write_tensors(
     progress: Progress | None = None,
 ) -> None:
     """Loads, quantises and writes every tensor, to the main file and (experts
-    with a `lo` type) to the sidecar from the same float32 rows."""
+    with a `lo` type) to the sidecar from the same float32 rows.
+
+    Row blocks are cut into jobs of ~1M values that `n_threads` workers
+    (default: every CPU) quantise with ggml, one job per worker at a time;
+    results are written in order. A background thread reads ahead."""
     total = sum(o.f32_bytes for o in outputs)
+    workers = n_threads if n_threads > 0 else os.cpu_count() or 1
     done = 0
 
     def blocks() -> Iterator[tuple[int, np.ndarray | None]]:
@@ -202,19 +215,59 @@ def write_tensors(
                 yield i, block
             yield i, None  # end of tensor
 
-    with contextlib.closing(prefetch(blocks())) as stream:
-        for i, block in stream:
-            o = outputs[i]
-            if block is None:
-                main.end_tensor()
-                if o.lo is not None and sidecar is not None:
-                    sidecar.end_tensor()
+    # in file order: (stream, job) to write, or (None, event) to report
+    pending: deque[tuple[GGUFStream | None, Any]] = deque()
+
+    def drain(keep: int) -> None:
+        nonlocal done
+        while len(pending) > keep:
+            stream, item = pending.popleft()
+            if stream is None:
+                done += item.bytes_done
+                if isinstance(item, _TensorEnd):
+                    main.end_tensor()
+                    if item.sidecar:
+                        assert sidecar is not None
+                        sidecar.end_tensor()
                 if progress is not None:
-                    progress(ProgressEvent(o.plan.name, i, len(outputs), True, done, total))
-                continue
-            main.write(_core.quantize(block, o.hi.type, n_threads))
-            if o.lo is not None and sidecar is not None:
-                sidecar.write(_core.quantize(block, o.lo.type, n_threads))
-            done += block.nbytes
-            if progress is not None:
-                progress(ProgressEvent(o.plan.name, i, len(outputs), False, done, total))
+                    progress(ProgressEvent(item.name, item.index, len(outputs), item.end, done, total))
+            else:
+                stream.write(item.result())
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="pymoe-quantise")
+    try:
+        with contextlib.closing(prefetch(blocks())) as stream:
+            for i, block in stream:
+                o = outputs[i]
+                lo = o.lo if sidecar is not None else None
+                if block is None:
+                    pending.append((None, _TensorEnd(o.plan.name, i, lo is not None)))
+                else:
+                    step = max(1, _JOB_VALUES // block.shape[1])
+                    for r in range(0, block.shape[0], step):
+                        part = block[r : r + step]
+                        pending.append((main, pool.submit(_core.quantize, part, o.hi.type, 1)))
+                        if lo is not None and sidecar is not None:
+                            pending.append((sidecar, pool.submit(_core.quantize, part, lo.type, 1)))
+                    pending.append((None, _Block(o.plan.name, i, block.nbytes)))
+                drain(keep=4 * workers)
+        drain(keep=0)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Block:
+    name: str
+    index: int
+    bytes_done: int
+    end: bool = False
+
+
+@dataclass
+class _TensorEnd:
+    name: str
+    index: int
+    sidecar: bool
+    bytes_done: int = 0
+    end: bool = True
