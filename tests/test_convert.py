@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import run_pymoe
 from hf_models import BUILDERS, build_checkpoint, reference_logits
 
 from pymoe import Model, _core
@@ -91,9 +92,11 @@ def swap_in_sidecar(main: Path, sidecar: Path, out: Path) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f32_conversion_matches_transformers(wide, tmp_path, arch):
     out = tmp_path / f"{arch}.gguf"
-    result = convert(wide.checkpoint(arch), out, outtype="f32", expert_type="f32", lo_type=None)
-    assert result.sidecar is None and not result.fallbacks
-    assert {t.type for t in result.tensors} == {"f32"}
+    proc = run_pymoe("convert", str(wide.checkpoint(arch)), "-o", str(out), "--outtype", "f32", "--expert-type", "f32")
+    assert proc.returncode == 0, proc.stderr
+    assert "fallback" not in proc.stdout
+    assert {t.tensor_type for t in gguf.GGUFReader(out).tensors} == {gguf.GGMLQuantizationType.F32}
+    check_sidecar(out, tmp_path / f"{arch}.lo.gguf")
     ours, ref = wide.logits(out), wide.reference(arch)
     err = relative_error(ours, ref)
     print(f"\n{arch} f32: max relative logit error {err:.2e}")
@@ -231,6 +234,36 @@ def test_deepseek_v3_without_scoring_func_still_scores_with_a_sigmoid(tmp_path):
     tokens = np.random.default_rng(3).integers(0, 384, N_TOKENS).tolist()
     with Model(out, cache_type="f32") as m:
         assert relative_error(m.logits(tokens), reference_logits(ckpt, tokens)) <= 1e-4
+
+
+def test_deepseek_yarn_rope_with_mscale(tmp_path):
+    """Real DeepSeek-V3 checkpoints use YaRN with mscale_all_dim (which also scales attention)."""
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+    ckpt = build_checkpoint("deepseek_v3", tmp_path / "ck", overrides={"rope_parameters": rope})
+    out = tmp_path / "d.gguf"
+    convert(ckpt, out, outtype="f32", expert_type="f32", lo_type=None)
+    tokens = np.random.default_rng(4).integers(0, 384, N_TOKENS).tolist()
+    with Model(out, cache_type="f32") as m:
+        assert relative_error(m.logits(tokens), reference_logits(ckpt, tokens)) <= 1e-4
+
+
+@pytest.mark.parametrize("qtype", _core.quant_types())
+def test_every_type_ggml_quantises_to(wide, tmp_path, qtype):
+    """Experts and sidecar in each type: llama.cpp loads and runs the result."""
+    out = tmp_path / "m.gguf"
+    result = convert(wide.checkpoint("olmoe"), out, outtype="f16", expert_type=qtype, lo_type=qtype)
+    assert {t.type for t in result.tensors if is_expert_weight(t.name)} == {qtype}
+    assert {t.type for t in check_sidecar(out, result.sidecar).tensors} == {qtype}
+    assert np.isfinite(wide.logits(out)).all()
 
 
 def test_experts_are_read_one_at_a_time(wide):

@@ -51,6 +51,23 @@ def test_cli_writes_main_and_sidecar(ckpt, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_cli_shows_progress_bars_on_a_terminal(ckpt, tmp_path):
+    import pexpect
+
+    out = tmp_path / "bars.gguf"
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "pymoe", "convert", str(ckpt), "-o", str(out)],
+        cwd=str(TESTS),
+        encoding="utf-8",
+        timeout=120,
+    )
+    text = child.read()
+    child.close()
+    assert child.exitstatus == 0, text
+    assert "tensors" in text and "quantising" in text and "51/51" in text
+
+
 def test_cli_no_sidecar_and_types(ckpt, tmp_path):
     out = tmp_path / "x.gguf"
     proc = run_pymoe("convert", str(ckpt), "-o", str(out), "--no-sidecar", "--outtype", "bf16", "--expert-type", "q5_k")
