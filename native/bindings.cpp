@@ -5,6 +5,7 @@
 #include "pymoe-planner.h"
 #include "pymoe-policy.h"
 #include "pymoe-prefetch.h"
+#include "pymoe-simulator.h"
 
 #include "ggml.h"
 #include "llama.h"
@@ -305,6 +306,67 @@ PYBIND11_MODULE(_core, mod) {
             return py::dict(py::arg("pools") = pools, py::arg("bytes") = planned);
         },
         py::arg("path"), py::arg("budget"), "How `budget` bytes would split over the model's slot pools.");
+
+    py::class_<pymoe::cache_simulator>(mod, "CacheSimulator",
+                                       "Replays routing decisions through the engine's cache, policies and planner.")
+        .def(py::init([](int32_t n_layer, int32_t n_expert, uint64_t expert_bytes, uint64_t expert_bytes_lo,
+                         uint64_t budget, double lo_share, float lo_threshold, const std::string & policy,
+                         const std::tuple<double, double, double> & weights, bool per_layer, bool assist,
+                         double link_bw, double direct_bw, double fast_flops, double slow_flops, double reuse,
+                         double flops_per_token, double layer_seconds) {
+                 pymoe::sim_params p;
+                 p.n_layer         = n_layer;
+                 p.n_expert        = n_expert;
+                 p.expert_bytes    = expert_bytes;
+                 p.expert_bytes_lo = expert_bytes_lo;
+                 p.budget          = budget;
+                 p.lo_share        = lo_share;
+                 p.lo_threshold    = lo_threshold;
+                 p.policy          = policy;
+                 std::tie(p.weights.recency, p.weights.frequency, p.weights.precision) = weights;
+                 p.per_layer       = per_layer;
+                 p.assist          = assist;
+                 p.cost            = { link_bw, direct_bw, fast_flops, slow_flops, reuse };
+                 p.flops_per_token = flops_per_token;
+                 p.layer_seconds   = layer_seconds;
+                 return std::make_unique<pymoe::cache_simulator>(p);
+             }),
+             py::arg("n_layer"), py::arg("n_expert"), py::arg("expert_bytes"), py::arg("expert_bytes_lo") = 0,
+             py::arg("budget") = 0, py::arg("lo_share") = 0.25, py::arg("lo_threshold") = 0.0f,
+             py::arg("policy") = "lru", py::arg("weights") = std::make_tuple(1.0, 1.0, 1.0),
+             py::arg("per_layer") = false, py::arg("assist") = true, py::arg("link_bw") = 0.0,
+             py::arg("direct_bw") = 0.0, py::arg("fast_flops") = 0.0, py::arg("slow_flops") = 0.0,
+             py::arg("reuse") = 1.0, py::arg("flops_per_token") = 0.0, py::arg("layer_seconds") = 0.0)
+        .def(
+            "run",
+            [](pymoe::cache_simulator & self, const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & ids,
+               const f32_array & weights) {
+                // ids, weights: [n_tokens, n_layer, k], one decode token at a time
+                if (ids.ndim() != 3 || weights.ndim() != 3 || ids.shape(0) != weights.shape(0) ||
+                    ids.shape(1) != weights.shape(1) || ids.shape(2) != weights.shape(2)) {
+                    throw std::invalid_argument("run: ids and weights must both be [n_tokens, n_layer, k]");
+                }
+                const int64_t n_tok = ids.shape(0), n_layer = ids.shape(1), k = ids.shape(2);
+                py::gil_scoped_release release;
+                for (int64_t t = 0; t < n_tok; ++t) {
+                    for (int64_t il = 0; il < n_layer; ++il) {
+                        const int64_t off = (t * n_layer + il) * k;
+                        self.step((int32_t) il, ids.data() + off, weights.data() + off, 1, k);
+                    }
+                    self.end_token();
+                }
+            },
+            py::arg("ids"), py::arg("weights"))
+        .def("result", [](const pymoe::cache_simulator & self) {
+            const pymoe::sim_result & r = self.result();
+            return py::dict(py::arg("tokens") = r.tokens, py::arg("steps") = r.steps, py::arg("pairs") = r.pairs,
+                            py::arg("hits") = r.hits, py::arg("hits_lo") = r.hits_lo, py::arg("misses") = r.misses,
+                            py::arg("loads") = r.loads, py::arg("loads_lo") = r.loads_lo, py::arg("direct") = r.direct,
+                            py::arg("evictions") = r.evictions, py::arg("upgrades") = r.upgrades,
+                            py::arg("lo_pairs") = r.lo_pairs, py::arg("bytes_moved") = r.bytes_moved,
+                            py::arg("seconds") = r.seconds, py::arg("n_slots") = r.n_slots,
+                            py::arg("n_slots_lo") = r.n_slots_lo);
+        });
 
     py::class_<py_model>(mod, "Model")
         .def(py::init([](const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, int32_t n_seq_max,

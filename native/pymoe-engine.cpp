@@ -179,6 +179,8 @@ void engine::start() {
     // the direct branch reads the weights in place; both compute on the CPU
     cost_.read_bw   = store_->measure_read_bandwidth(std::min<uint64_t>(64ull << 20, store_->total_expert_bytes()));
     cost_.direct_bw = release_direct_ ? cost_.read_bw : 0.0;
+    reuse_.set_share(store_->total_expert_bytes()
+                         ? (double) cache_->allocated_bytes() / (double) store_->total_expert_bytes() : 0.0);
 
     if (!cache_->policy().admits_on_miss()) {
         std::vector<expert_store::read_job> jobs;
@@ -476,6 +478,7 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
     req.expert_bytes    = layer.expert_bytes;
     req.expert_bytes_lo = cache_lo_ ? store_lo_->layer(il)->expert_bytes : 0;
     req.cost            = cost_;
+    req.cost.reuse      = reuse_.estimate();
     const std::vector<expert_action> actions = plan_layer(req);
 
     // pin what the step uses before any load chooses a victim
@@ -545,6 +548,7 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
         slot_of_[e]   = slot;
     }
 
+    reuse_.observe(ls.hits + ls.hits_lo, ls.loads + ls.loads_lo);
     if (!jobs.empty() || !jobs_lo.empty()) {
         const auto t1 = clock_type::now();
         store_->read_experts(jobs);

@@ -111,6 +111,7 @@ class engine {
     };
     std::unique_ptr<llama_moe_hook, hook_deleter> hook_;
     cost_model                      cost_;
+    reuse_estimator                 reuse_;
     bool                            release_direct_ = true; // disk tier: keep the page cache within bounds
     bool                            started_        = false;
 

@@ -50,7 +50,7 @@ ggml_context_ptr make_pool_tensors(const std::vector<expert_layer> & layers, std
 
 expert_cache::expert_cache(const std::vector<expert_layer> & layers, int32_t n_expert, uint64_t budget,
                            ggml_backend_buffer_type_t buft, std::unique_ptr<eviction_policy> policy,
-                           std::vector<double> profile, bool allocate)
+                           std::vector<double> profile, bool allocate, bool per_layer)
     : n_expert_(n_expert), budget_(budget), policy_(std::move(policy)), profile_(std::move(profile)) {
     const int32_t n_layer = (int32_t) layers.size();
     if (!profile_.empty() && profile_.size() != (size_t) n_layer * (size_t) n_expert_) {
@@ -75,7 +75,7 @@ expert_cache::expert_cache(const std::vector<expert_layer> & layers, int32_t n_e
         if (l.il < 0) {
             continue;
         }
-        const std::string key = format_key(l);
+        const std::string key = format_key(l) + (per_layer ? "@" + std::to_string(l.il) : "");
         auto              it  = by_key.find(key);
         if (it == by_key.end()) {
             it = by_key.emplace(key, (int32_t) classes_.size()).first;

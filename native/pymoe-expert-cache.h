@@ -38,9 +38,10 @@ class expert_cache {
     // allocates them in `buft`. A class whose share is below one slot gets
     // none. `profile` ([n_layer * n_expert]) feeds the static hot set.
     // With allocate = false only the split is computed (pymoe info --expert-budget, the simulator).
+    // per_layer: a pool per layer instead of per format (each layer keeps its share).
     expert_cache(const std::vector<expert_layer> & layers, int32_t n_expert, uint64_t budget,
                  ggml_backend_buffer_type_t buft, std::unique_ptr<eviction_policy> policy,
-                 std::vector<double> profile, bool allocate = true);
+                 std::vector<double> profile, bool allocate = true, bool per_layer = false);
 
     const eviction_policy & policy() const { return *policy_; }
     int32_t  class_of(int32_t il) const { return il >= 0 && il < (int32_t) class_of_.size() ? class_of_[il] : -1; }

@@ -58,6 +58,20 @@ struct plan_request {
 //    precision is only ever used for unimportant pairs.
 std::vector<expert_action> plan_layer(const plan_request & req);
 
+// How many steps a loaded expert serves, learned as the run goes: 1 + the
+// hits per load so far, starting from what uniform routing would give a
+// cache holding `share` of the experts (share / (1 - share) hits per load).
+struct reuse_estimator {
+    double prior_hits  = 0.0;
+    double prior_loads = 1.0;
+    uint64_t hits      = 0;
+    uint64_t loads     = 0;
+
+    void   set_share(double share) { prior_hits = share >= 1.0 ? 1e9 : share / (1.0 - share); }
+    void   observe(uint64_t n_hits, uint64_t n_loads) { hits += n_hits; loads += n_loads; }
+    double estimate() const { return 1.0 + (prior_hits + (double) hits) / (prior_loads + (double) loads); }
+};
+
 // the time estimates behind the decision, exposed for tests and stats
 double plan_load_seconds(const plan_request & req, int32_t n_tokens, bool lo = false);
 double plan_direct_seconds(const plan_request & req, int32_t n_tokens);

@@ -1,0 +1,182 @@
+"""`pymoe simulate`: replay a recorded routing trace through the engine's own
+cache, eviction policies and planner (the native code, not a copy), with a
+modelled link and compute, and report hit rate, bytes moved per token and
+modelled latency per token.
+
+The model behind the trace is described by a preset (picked from the trace's
+routing shape) or by --expert-bytes. The latency model is for decode, where
+expert matmuls are memory-bound: computing one token on an expert costs its
+bytes / the memory bandwidth of where it runs (--device-gbps for slots,
+--cpu-gbps for experts computed where they live), and loading it costs its
+bytes / --link-gbps. Attention and the rest of a layer are left out unless
+--layer-ms is given."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from . import _core
+from .offload import parse_budget
+from .traces import load_trace
+
+LO_BITS = {"q2_K": 2.625, "q3_K": 3.4375, "q4_0": 4.5, "q4_K": 4.5, "q8_0": 8.5}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    n_embd: int
+    n_ff: int
+    n_expert: int
+    k: int
+    hi_bits: float = 4.5  # q4_K
+
+    def expert_params(self) -> int:
+        return 3 * self.n_embd * self.n_ff  # gate, up, down
+
+    def expert_bytes(self, bits: float | None = None) -> int:
+        return int(self.expert_params() * (bits or self.hi_bits) / 8)
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset("mixtral-8x7b", 4096, 14336, 8, 2),
+        Preset("qwen1.5-moe-a2.7b", 2048, 1408, 60, 4),
+        Preset("olmoe-1b-7b", 2048, 1024, 64, 8),
+        Preset("qwen3-30b-a3b", 2048, 768, 128, 8),
+    )
+}
+
+
+def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="pymoe simulate")
+    parser.description = __doc__
+    parser.add_argument(
+        "--trace",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="a routing trace (several files: route logs of several layers of one run)",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the traced model (default: from the trace)")
+    parser.add_argument("--expert-bytes", type=int, metavar="N", help="bytes of one expert (overrides the preset)")
+    parser.add_argument(
+        "--budget",
+        default="0.25",
+        metavar="SIZE",
+        help="slots for this share of all experts (0.25), or bytes (6GiB) (default: %(default)s)",
+    )
+    parser.add_argument("--policy", choices=sorted(_core.policy_names()), default="lru")
+    parser.add_argument("--per-layer", action="store_true", help="one pool per layer instead of one shared pool")
+    parser.add_argument(
+        "--lo-type",
+        choices=sorted(LO_BITS),
+        default=None,
+        help="simulate mixed precision with low-precision copies of this type",
+    )
+    parser.add_argument("--lo-share", type=float, default=0.25, help="share of the budget for low slots")
+    parser.add_argument(
+        "--lo-threshold",
+        type=float,
+        default=0.25,
+        help="gate weight below which low precision is used (default: %(default)s)",
+    )
+    parser.add_argument("--no-cpu-assist", action="store_true", help="never compute a miss where it lives")
+    parser.add_argument("--link-gbps", type=float, default=16.0, help="slot loads, GB/s (default: %(default)s)")
+    parser.add_argument(
+        "--device-gbps",
+        type=float,
+        default=300.0,
+        help="memory bandwidth where slots compute, GB/s (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cpu-gbps",
+        type=float,
+        default=40.0,
+        help="memory bandwidth of the CPU computing an expert in place, GB/s (default: %(default)s)",
+    )
+    parser.add_argument("--layer-ms", type=float, default=0.0, help="the rest of a layer per token, ms")
+    parser.add_argument("--skip-rows", type=int, default=None, help="drop leading rows of route logs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def simulate(args: argparse.Namespace) -> dict[str, Any]:
+    trace = load_trace(args.trace, skip_rows=args.skip_rows)
+    if args.preset:
+        preset = PRESETS[args.preset]
+    else:
+        match = [p for p in PRESETS.values() if (p.n_expert, p.k) == (trace.n_expert, trace.k)]
+        if not match and not args.expert_bytes:
+            raise ValueError(
+                f"no preset routes top-{trace.k} of {trace.n_expert} experts; "
+                "hint: pass --expert-bytes (and --preset for the compute model)"
+            )
+        preset = match[0] if match else Preset("custom", 1, 1, trace.n_expert, trace.k)
+    hi = args.expert_bytes or preset.expert_bytes()
+    lo = int(hi * LO_BITS[args.lo_type] / preset.hi_bits) if args.lo_type else 0
+    n_layer = len(trace.layers)
+    total = hi * n_layer * trace.n_expert
+    budget = parse_budget(float(args.budget) if "." in args.budget else args.budget, total)
+    if budget is None:
+        raise ValueError("--budget auto has no meaning for a simulation; give a share or a size")
+    # decode is memory-bound: an expert's token costs its bytes / bandwidth; as FLOP rates:
+    flops = 2.0 * preset.expert_params() if preset.name != "custom" else 2.0 * hi
+    per_byte = flops / hi
+    sim = _core.CacheSimulator(
+        n_layer, trace.n_expert, hi, expert_bytes_lo=lo, budget=budget, lo_share=args.lo_share,
+        lo_threshold=args.lo_threshold if lo else 0.0, policy=args.policy, per_layer=args.per_layer,
+        assist=not args.no_cpu_assist, link_bw=args.link_gbps * 1e9, direct_bw=0.0,
+        fast_flops=args.device_gbps * 1e9 * per_byte, slow_flops=args.cpu_gbps * 1e9 * per_byte,
+        flops_per_token=flops, layer_seconds=args.layer_ms / 1e3,
+    )  # fmt: skip
+    sim.run(trace.experts, trace.weights)
+    r = sim.result()
+    lookups = r["hits"] + r["hits_lo"] + r["misses"]
+    return {
+        "trace": trace.name,
+        "preset": preset.name,
+        "tokens": r["tokens"],
+        "layers": n_layer,
+        "policy": args.policy,
+        "budget_bytes": budget,
+        "share_cached": (r["n_slots"] * hi + r["n_slots_lo"] * lo) / total if total else 0.0,
+        "n_slots": r["n_slots"],
+        "n_slots_lo": r["n_slots_lo"],
+        "lo_type": args.lo_type,
+        "hit_rate": (r["hits"] + r["hits_lo"]) / lookups if lookups else 0.0,
+        "lo_share_of_pairs": r["lo_pairs"] / r["pairs"] if r["pairs"] else 0.0,
+        "bytes_per_token": r["bytes_moved"] / r["tokens"] if r["tokens"] else 0.0,
+        "latency_per_token_s": r["seconds"] / r["tokens"] if r["tokens"] else 0.0,
+        "loads": r["loads"],
+        "loads_lo": r["loads_lo"],
+        "direct": r["direct"],
+        "upgrades": r["upgrades"],
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    res = simulate(args)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    out = sys.stdout
+    print(f"trace {res['trace']} ({res['tokens']} tokens, {res['layers']} layers) as {res['preset']}", file=out)
+    print(
+        f"policy {res['policy']}, {res['n_slots']} slots"
+        + (f" + {res['n_slots_lo']} {res['lo_type']} slots" if res["lo_type"] else "")
+        + f" ({res['share_cached']:.0%} of the expert bytes)",
+        file=out,
+    )
+    print(f"hit rate {res['hit_rate']:.3f}, low-precision pairs {res['lo_share_of_pairs']:.1%}", file=out)
+    print(
+        f"moved {res['bytes_per_token'] / 2**20:.1f} MiB/token, modelled {res['latency_per_token_s'] * 1e3:.2f} "
+        "ms/token (expert part)",
+        file=out,
+    )
+    return 0
