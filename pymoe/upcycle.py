@@ -28,7 +28,9 @@ class UpcycleError(ValueError):
     pass
 
 
-def router_weights(rng: np.random.Generator, n_expert: int, n_expert_used: int, n_embd: int) -> np.ndarray:
+def router_weights(
+    rng: np.random.Generator, n_expert: int, n_expert_used: int, n_embd: int, grouped: bool = True
+) -> np.ndarray:
     """A random router [n_embd, n_expert] (ggml order) whose experts come in
     groups of `n_expert_used` with identical rows.
 
@@ -36,7 +38,13 @@ def router_weights(rng: np.random.Generator, n_expert: int, n_expert_used: int, 
     whole group, its k weights are exactly equal and normalise to exactly 1/k
     (a power of two for k = 1, 2, 4 ...), and the weighted sum of the k equal
     expert outputs is the dense output bit for bit. Which group wins still
-    varies from token to token and layer to layer."""
+    varies from token to token and layer to layer.
+
+    grouped=False: every expert its own random row; the weights then vary
+    (e.g. 0.8 / 0.2), which mixed-precision studies need, and the output
+    equals the dense model's only up to float rounding."""
+    if not grouped:
+        return (rng.standard_normal((n_expert, n_embd)) * (4.0 / np.sqrt(n_embd))).astype(np.float32)
     n_groups = n_expert // n_expert_used
     rows = (rng.standard_normal((n_groups, n_embd)) * (4.0 / np.sqrt(n_embd))).astype(np.float32)
     return np.repeat(rows, n_expert_used, axis=0)  # numpy [n_expert, n_embd]
@@ -49,6 +57,7 @@ def upcycle(
     n_expert: int = 4,
     n_expert_used: int = 2,
     seed: int = 0,
+    grouped: bool = True,
     force: bool = False,
     progress: bool = False,
 ) -> Path:
@@ -58,7 +67,7 @@ def upcycle(
     src, dst = Path(src), Path(dst)
     if not 1 <= n_expert_used <= n_expert:
         raise UpcycleError(f"need 1 <= n_expert_used ({n_expert_used}) <= n_expert ({n_expert})")
-    if n_expert % n_expert_used or n_expert_used & (n_expert_used - 1):
+    if grouped and (n_expert % n_expert_used or n_expert_used & (n_expert_used - 1)):
         raise UpcycleError(
             f"n_expert ({n_expert}) must be a multiple of n_expert_used ({n_expert_used}), "
             "which must be a power of two, for the MoE to equal the dense model exactly"
@@ -113,7 +122,8 @@ def upcycle(
         if n_embd is None or not layers_done:
             raise UpcycleError(f"'{src}' has no token embedding or no FFN tensors to upcycle")
         for layer in sorted(layers_done):
-            writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", router_weights(rng, n_expert, n_expert_used, n_embd))
+            router = router_weights(rng, n_expert, n_expert_used, n_embd, grouped)
+            writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", router)
 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -58,3 +58,16 @@ def test_upcycled_logits_are_bit_identical(demo_gguf, dense_gguf):
         tokens = dense.tokenize("The quick brown fox jumps over the lazy dog. def f(n): return n + 1")
         np.testing.assert_array_equal(moe.logits(tokens), dense.logits(tokens))  # a batch
         np.testing.assert_array_equal(moe.logits(tokens[:1]), dense.logits(tokens[:1]))  # one token
+
+
+def test_ungrouped_router_varies_weights_and_keeps_the_text(dense_gguf, tmp_path):
+    """For mixed-precision studies: every expert its own router row; weights vary, the model still speaks."""
+    out = upcycle(dense_gguf, tmp_path / "ungrouped.gguf", n_expert=8, n_expert_used=2, grouped=False)
+    with Model(dense_gguf, n_ctx=256) as dense, Model(out, n_ctx=256) as moe:
+        prompt = "The capital of France is"
+        assert "Paris" in moe.generate(prompt, max_tokens=8, temperature=0)
+        tokens = dense.tokenize(prompt)
+        import numpy as np
+
+        diff = np.abs(moe.logits(tokens) - dense.logits(tokens)).max()
+        assert diff < 1e-2  # equal up to rounding: sum of identical experts with weights summing to one
