@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from .model import Model
-from .offload import OFFLOAD_MODES, POLICIES, TIERS
+from .offload import DEFAULT_LO_THRESHOLD, OFFLOAD_MODES, POLICIES, TIERS
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = False) -> None:
@@ -76,6 +76,34 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Fa
         action="store_true",
         help="always load a missed expert into the cache instead of computing it where it lives",
     )
+    o.add_argument(
+        "--sidecar",
+        metavar="PATH",
+        help="low-precision expert copy for mixed precision (MODEL.lo.gguf from pymoe convert; 'auto': use it "
+        "when it exists)",
+    )
+    o.add_argument(
+        "--lo-share",
+        type=float,
+        default=0.25,
+        metavar="S",
+        help="share of the expert budget for low-precision slots (default: %(default)s)",
+    )
+    o.add_argument(
+        "--lo-threshold",
+        type=float,
+        default=DEFAULT_LO_THRESHOLD,
+        metavar="W",
+        help="a pair whose gate weight is below W may run in low precision (default: %(default)s)",
+    )
+    o.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="predict the next layer's experts and load them while the current layer computes",
+    )
+    o.add_argument(
+        "--prefetch-depth", type=int, default=1, metavar="N", help="layers ahead to predict (default: %(default)s)"
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, temp: float = 0.8) -> None:
@@ -113,6 +141,11 @@ def model_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
         "policy": args.policy,
         "offload_tier": args.offload_tier,
         "cpu_assist": not args.no_cpu_assist,
+        "sidecar": args.sidecar,
+        "lo_share": args.lo_share,
+        "lo_threshold": args.lo_threshold,
+        "prefetch": args.prefetch,
+        "prefetch_depth": args.prefetch_depth,
         "verbose": args.verbose,
     }
     kw.update(overrides)

@@ -162,3 +162,51 @@ def test_prefetch_is_exact_and_predicts(demo_gguf):
     # the next layer's router on this layer's hidden state predicts well on this model
     assert s["prefetch_precision"] > 0.5 and s["prefetch_recall"] > 0.5
     assert len(s["per_layer"]["prefetch_recall"]) == 30
+
+
+def test_cli_mixed_precision_and_prefetch_flags(mixtral_with_sidecar, tmp_path):
+    from conftest import run_pymoe
+
+    main, side, _ = mixtral_with_sidecar
+    tok = tmp_path / "t.txt"
+    tok.write_text(" ".join(str(i) for i in range(1, 25)))
+    proc = run_pymoe(
+        "eval",
+        str(main),
+        "--tokens",
+        str(tok),
+        "--logits-out",
+        str(tmp_path / "l.npy"),
+        "--stats",
+        "--offload",
+        "on",
+        "--expert-budget",
+        "0.6",
+        "--sidecar",
+        str(side),
+        "--lo-threshold",
+        "0.45",
+        "--no-cpu-assist",
+        "--prefetch",
+        "--policy",
+        "multidim",
+    )
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    report = json.loads(proc.stderr[proc.stderr.index("{") :])
+    off = report["offload"]
+    assert off["policy"] == "multidim" and off["n_slots_lo"] > 0 and off["lo_pairs"] > 0 and off["prefetch"]
+    bad = run_pymoe(
+        "eval",
+        str(main),
+        "--tokens",
+        str(tok),
+        "--logits-out",
+        str(tmp_path / "m.npy"),
+        "--offload",
+        "on",
+        "--sidecar",
+        str(tmp_path / "missing.gguf"),
+    )
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
