@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("pymoe.evaluate", "teacher-forced logits of a text or of token ids, saved as .npy"),
     "perplexity": ("pymoe.perplexity", "perplexity of a model on a text file"),
     "demo": ("pymoe.demo", "chat with the built-in demo MoE (SmolLM2-135M upcycled)"),
+    "bench": ("pymoe.bench", "prefill/decode speed and cache counters at one or more expert budgets"),
     "simulate": ("pymoe.simulate", "replay a routing trace through the cache and planner; hit rate, bytes, latency"),
     "convert": ("pymoe.convert.cli", "Hugging Face MoE checkpoint -> GGUF plus a low-precision expert sidecar"),
 }

@@ -1,0 +1,303 @@
+"""`pymoe bench`: prefill and decode speed of a model at one or more expert
+budgets, with the engine's counters: hit rate, bytes moved per token, the
+share of pairs computed where the weights live, and peak memory.
+
+Each configuration runs in a fresh process (so its peak memory is its own).
+Prefill is one --prompt-tokens batch of random token ids from an empty
+cache (like llama-bench's pp); decode is --gen-tokens single-token steps
+(greedy, EOS ignored; like llama-bench's tg). --vs-llama-cpp runs the pinned
+llama.cpp's own llama-bench (tools/build_llama_tools.sh builds it) on the
+same file and prints pymoe's speed relative to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._args import add_model_args, budget_arg, model_kwargs
+from .gguf_info import summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="pymoe bench")
+    parser.description = __doc__
+    add_model_args(parser)
+    parser.add_argument(
+        "--budgets",
+        default=None,
+        metavar="LIST",
+        help="comma-separated expert budgets to compare, e.g. off,0.25,0.5,2GiB "
+        "(default: the --expert-budget/--offload of the model flags)",
+    )
+    parser.add_argument("-p", "--prompt-tokens", type=int, default=512, metavar="N", help="prefill length (512)")
+    parser.add_argument("-n", "--gen-tokens", type=int, default=128, metavar="N", help="decode steps (128)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw per-layer expert usage and cache hits over the decode tokens (last budget)",
+    )
+    parser.add_argument(
+        "--vs-llama-cpp",
+        action="store_true",
+        help="also run the pinned llama.cpp's llama-bench on the same file and print the ratio",
+    )
+    parser.add_argument("--llama-bench", metavar="PATH", help="the llama-bench binary (default: build/llama-tools)")
+    return parser
+
+
+# --- one configuration (in the child process)
+
+
+def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
+    from .model import Model
+
+    kw = model_kwargs(args)
+    if budget == "off":
+        kw.update(offload="off")
+    else:
+        kw.update(offload="on", expert_budget=budget_arg(budget))
+    kw["n_ctx"] = max(args.ctx_size, args.prompt_tokens + args.gen_tokens + 8)
+    t_load = time.perf_counter()
+    with Model(args.model, **kw) as m:
+        load_seconds = time.perf_counter() - t_load
+        rng = np.random.default_rng(args.seed)
+        prompt = rng.integers(0, m.n_vocab, args.prompt_tokens).tolist()
+        t0 = time.perf_counter()
+        logits = m.next_token_logits(prompt)
+        pp_seconds = time.perf_counter() - t0
+        after_pp = m.offload_stats(raw=True)
+        tokens = list(prompt)
+        per_token: list[list[tuple[int, int]]] = []  # per decode token, per layer: (hits, lookups)
+        prev = after_pp
+        t1 = time.perf_counter()
+        for _ in range(args.gen_tokens):
+            tokens.append(int(np.argmax(logits)))
+            logits = m.next_token_logits(tokens)
+            if prev is not None:
+                cur = m.offload_stats(raw=True)
+                per_token.append(
+                    [
+                        (
+                            c["hits"] + c["hits_lo"] - p["hits"] - p["hits_lo"],
+                            c["hits"] + c["hits_lo"] + c["misses"] - p["hits"] - p["hits_lo"] - p["misses"],
+                        )
+                        for c, p in zip(cur["layers"], prev["layers"], strict=True)
+                    ]
+                )
+                prev = cur
+        tg_seconds = time.perf_counter() - t1
+        stats = m.offload_stats()
+        raw = m.offload_stats(raw=True)
+        result: dict[str, Any] = {
+            "budget": budget,
+            "offload": m.offload.enabled,
+            "load_seconds": load_seconds,
+            "pp_tokens_per_second": args.prompt_tokens / pp_seconds,
+            "tg_tokens_per_second": args.gen_tokens / tg_seconds,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        if stats:
+            decode_tokens = args.gen_tokens
+            tg_bytes = sum(
+                c[k] - p[k]
+                for c, p in zip(raw["layers"], after_pp["layers"], strict=True)
+                for k in ("bytes_loaded", "bytes_loaded_lo", "bytes_direct", "prefetch_bytes")
+            )
+            result.update(
+                {
+                    "pool_bytes": stats["pool_bytes"] + stats["pool_bytes_lo"],
+                    "n_slots": stats["n_slots"],
+                    "policy": stats["policy"],
+                    "hit_rate": stats["hit_rate"],
+                    "bytes_per_decode_token": tg_bytes / decode_tokens if decode_tokens else 0.0,
+                    "direct_share": stats["direct_pairs"] / stats["pairs"] if stats["pairs"] else 0.0,
+                    "lo_share": stats["lo_share_of_pairs"],
+                    "prefetch_precision": stats["prefetch_precision"],
+                    "load_seconds_in_engine": stats["load_seconds"],
+                    "read_bandwidth": stats["read_bandwidth"],
+                    "expert_pairs": raw["expert_pairs"].tolist(),
+                    "decode_hits": per_token,
+                }
+            )
+    return result
+
+
+# --- llama-bench
+
+
+def find_llama_bench(path: str | None) -> Path:
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"llama-bench not found at '{path}'; hint: build it with tools/build_llama_tools.sh")
+        return Path(path)
+    for candidate in (ROOT / "build" / "llama-tools" / "bin" / "llama-bench", shutil.which("llama-bench")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise FileNotFoundError(
+        "llama-bench not found; hint: build it with tools/build_llama_tools.sh (from a source checkout) or pass "
+        "--llama-bench PATH"
+    )
+
+
+def run_llama_bench(args: argparse.Namespace) -> dict[str, Any]:
+    exe = find_llama_bench(args.llama_bench)
+    threads = args.threads or os.cpu_count() or 1
+    cmd = [
+        str(exe),
+        "-m",
+        str(args.model),
+        "-p",
+        str(args.prompt_tokens),
+        "-n",
+        str(args.gen_tokens),
+        "-t",
+        str(threads),
+        "-r",
+        "1",
+        "-o",
+        "json",
+    ]
+    # the closest static offload: without a GPU every expert runs on the CPU from the mapped file;
+    # a GPU build would keep as many layers' experts on the CPU as the budget cannot hold (--n-cpu-moe)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-bench failed: {proc.stderr.strip()[-500:]}")
+    rows = json.loads(proc.stdout)
+    out = {"command": " ".join(cmd)}
+    for r in rows:
+        if r["n_prompt"] and not r["n_gen"]:
+            out["pp_tokens_per_second"] = r["avg_ts"]
+        elif r["n_gen"] and not r["n_prompt"]:
+            out["tg_tokens_per_second"] = r["avg_ts"]
+    return out
+
+
+# --- output
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def print_table(results: list[dict[str, Any]], reference: dict[str, Any] | None) -> None:
+    cols = ("budget", "pp tok/s", "tg tok/s", "hit rate", "MiB/token", "direct", "peak RSS")
+    print(" ".join(f"{c:>{w}}" for c, w in zip(cols, (9, 9, 9, 9, 10, 7, 10), strict=True)))
+    for r in results:
+        hit = f"{r['hit_rate']:.3f}" if "hit_rate" in r else "-"
+        moved = f"{r['bytes_per_decode_token'] / 2**20:.2f}" if "bytes_per_decode_token" in r else "-"
+        direct = f"{r['direct_share']:.0%}" if "direct_share" in r else "-"
+        print(
+            f"{r['budget']:>9} {r['pp_tokens_per_second']:>9.2f} {r['tg_tokens_per_second']:>9.2f} {hit:>9} "
+            f"{moved:>10} {direct:>7} {human(r['peak_rss_bytes']):>10}"
+        )
+    if reference:
+        print(
+            f"{'llama.cpp':>9} {reference.get('pp_tokens_per_second', 0):>9.2f} "
+            f"{reference.get('tg_tokens_per_second', 0):>9.2f}   ({reference['command']})"
+        )
+        for r in results:
+            pp = r["pp_tokens_per_second"] / reference["pp_tokens_per_second"]
+            tg = r["tg_tokens_per_second"] / reference["tg_tokens_per_second"]
+            print(f"  budget {r['budget']}: pymoe / llama.cpp = {pp:.2f}x prefill, {tg:.2f}x decode")
+
+
+def plot(result: dict[str, Any], path: str, model_name: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("--plot needs matplotlib; hint: pip install matplotlib (or pymoe[plot])") from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = np.asarray(result["expert_pairs"], dtype=float)
+    moe_layers = np.where(pairs.sum(axis=1) > 0)[0]
+    hits = np.asarray(result["decode_hits"], dtype=float)  # [tokens, layers, 2]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    share = pairs[moe_layers] / np.maximum(pairs[moe_layers].sum(axis=1, keepdims=True), 1)
+    im = a.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
+    a.set_title("expert usage (share of a layer's pairs)")
+    a.set_xlabel("expert")
+    a.set_ylabel("MoE layer")
+    a.set_yticks(range(len(moe_layers)), [str(i) for i in moe_layers] if len(moe_layers) <= 32 else None)
+    fig.colorbar(im, ax=a)
+    rate = hits[:, moe_layers, 0] / np.maximum(hits[:, moe_layers, 1], 1)
+    im2 = b.imshow(rate.T, aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
+    b.set_title(
+        f"cache hits per layer over decode tokens (budget {result['budget']}, hit rate {result['hit_rate']:.2f})"
+    )
+    b.set_xlabel("decode token")
+    b.set_ylabel("MoE layer")
+    fig.colorbar(im2, ax=b)
+    fig.suptitle(model_name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.prompt_tokens < 1 or args.gen_tokens < 1:
+        raise ValueError("--prompt-tokens and --gen-tokens must be >= 1")
+    summary = summarize(args.model)
+    budgets = (
+        [b.strip() for b in args.budgets.split(",")]
+        if args.budgets
+        else ["off" if args.offload == "off" else args.expert_budget]
+    )
+    if not summary.is_moe and any(b != "off" for b in budgets):
+        raise ValueError(f"'{args.model}' is a dense model: there are no experts to offload; use --budgets off")
+    if args.plot and budgets[-1] == "off":
+        raise ValueError("--plot draws the cache: make the last budget one with offload on")
+
+    from tqdm import tqdm
+
+    results = []
+    for budget in tqdm(budgets, desc="configurations", unit="config", disable=args.json, file=sys.stderr):
+        # a fresh process per configuration: its peak memory and page cache use are its own
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results.append(pool.submit(run_one, args, budget).result())
+    reference = run_llama_bench(args) if args.vs_llama_cpp else None
+    if args.plot:
+        plot(results[-1], args.plot, summary.name or Path(args.model).name)
+    if args.json:
+        slim = [{k: v for k, v in r.items() if k not in ("expert_pairs", "decode_hits")} for r in results]
+        print(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "prompt_tokens": args.prompt_tokens,
+                    "gen_tokens": args.gen_tokens,
+                    "results": slim,
+                    "llama_cpp": reference,
+                }
+            )
+        )
+    else:
+        print(
+            f"{summary.name or args.model}: pp{args.prompt_tokens}, tg{args.gen_tokens}, "
+            f"threads {args.threads or os.cpu_count()}"
+        )
+        print_table(results, reference)
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0

@@ -1,0 +1,75 @@
+"""`pymoe bench`: speeds and cache counters per budget, a plot, llama-bench for comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ROOT, run_pymoe
+
+
+def test_bench_budgets_json_and_plot(tiny, tmp_path):
+    model = tiny.gguf("mixtral")
+    png = tmp_path / "bench.png"
+    proc = run_pymoe(
+        "bench",
+        str(model),
+        "--budgets",
+        "off,0.5",
+        "-p",
+        "16",
+        "-n",
+        "6",
+        "--json",
+        "--plot",
+        str(png),
+        "--policy",
+        "lfu",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    off, half = report["results"]
+    assert off["budget"] == "off" and not off["offload"] and "hit_rate" not in off
+    assert half["offload"] and half["policy"] == "lfu" and 0.0 <= half["hit_rate"] <= 1.0
+    for r in (off, half):
+        assert r["pp_tokens_per_second"] > 0 and r["tg_tokens_per_second"] > 0 and r["peak_rss_bytes"] > 0
+    assert half["pool_bytes"] <= 0.5 * 9437184 + 1 and half["bytes_per_decode_token"] >= 0
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_table(tiny):
+    proc = run_pymoe("bench", str(tiny.gguf("mixtral")), "--budgets", "0.25", "-p", "8", "-n", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "hit rate" in proc.stdout and "0.25" in proc.stdout
+
+
+LLAMA_BENCH = ROOT / "build" / "llama-tools" / "bin" / "llama-bench"
+
+
+@pytest.mark.skipif(not LLAMA_BENCH.is_file(), reason="llama-bench not built (tools/build_llama_tools.sh)")
+def test_bench_vs_llama_cpp(tiny):
+    proc = run_pymoe(
+        "bench", str(tiny.gguf("mixtral")), "--budgets", "off", "-p", "16", "-n", "4", "--vs-llama-cpp", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    ref = json.loads(proc.stdout)["llama_cpp"]
+    assert ref["pp_tokens_per_second"] > 0 and ref["tg_tokens_per_second"] > 0 and "llama-bench" in ref["command"]
+
+
+def test_bench_errors(dense_gguf, tiny, tmp_path):
+    dense = run_pymoe("bench", str(dense_gguf), "--budgets", "0.5", "-p", "4", "-n", "2")
+    assert dense.returncode != 0 and "dense model" in dense.stderr
+    missing = run_pymoe(
+        "bench",
+        str(tiny.gguf("mixtral")),
+        "--budgets",
+        "off",
+        "-p",
+        "4",
+        "-n",
+        "2",
+        "--vs-llama-cpp",
+        "--llama-bench",
+        str(tmp_path / "nope"),
+    )
+    assert missing.returncode != 0 and "llama-bench not found" in missing.stderr
