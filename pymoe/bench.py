@@ -144,7 +144,7 @@ def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
 def find_llama_bench(path: str | None) -> Path:
     if path:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"llama-bench not found at '{path}'; hint: build it with tools/build_llama_tools.sh")
+            raise FileNotFoundError(f"llama-bench not found at '{path}'; hint: tools/build_llama_tools.sh builds it")
         return Path(path)
     for candidate in (ROOT / "build" / "llama-tools" / "bin" / "llama-bench", shutil.which("llama-bench")):
         if candidate and Path(candidate).is_file():
