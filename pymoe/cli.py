@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pymoe.bench", "prefill/decode speed and cache counters at one or more expert budgets"),
     "simulate": ("pymoe.simulate", "replay a routing trace through the cache and planner; hit rate, bytes, latency"),
     "convert": ("pymoe.convert.cli", "Hugging Face MoE checkpoint -> GGUF plus a low-precision expert sidecar"),
+    "serve": ("pymoe.serve", "OpenAI-compatible HTTP server (chat/completions, streaming, /stats)"),
 }
 
 

@@ -1,0 +1,163 @@
+"""`pymoe serve`: an OpenAI-compatible HTTP API for a model.
+
+POST /v1/chat/completions and /v1/completions (streamed with server-sent
+events when "stream" is true), GET /v1/models, /health and /stats (counters of
+generation, the expert cache and the server). One llama.cpp context answers one
+request at a time: requests wait in a bounded queue, in arrival order, and a
+full queue answers 429. Binds to 127.0.0.1 unless --host says otherwise; with
+--api-key (or PYMOE_API_KEY) every endpoint but /health needs
+"Authorization: Bearer KEY". Ctrl-C stops the server."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+
+from ._args import add_model_args, add_sampling_args, load_model, sampling_from_args
+from .cli import CliError
+from .server import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_TOKENS_LIMIT,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_TIMEOUT,
+    Server,
+)
+
+
+def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="pymoe serve")
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_model_args(parser)
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    s.add_argument(
+        "--port", type=int, default=8080, help="TCP port; 0 picks a free one and prints it (default: %(default)s)"
+    )
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("PYMOE_API_KEY"),
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every request but /health (default: $PYMOE_API_KEY; none)",
+    )
+    s.add_argument("--model-name", metavar="NAME", help="the model id in /v1/models and answers (default: file stem)")
+    s.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=DEFAULT_MAX_TOKENS_LIMIT,
+        metavar="N",
+        help="the largest max_tokens a request may ask for, and the default when it gives none; an answer "
+        "also stops at the end of the context (default: %(default)s)",
+    )
+    s.add_argument(
+        "--queue-size",
+        type=int,
+        default=DEFAULT_QUEUE_SIZE,
+        metavar="N",
+        help="requests that may wait behind the one being answered; more get 429 (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="largest request body; larger ones get 413 (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections at most (one thread each); more get 503 (default: %(default)s)",
+    )
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="socket timeout for each read from and write to a client (default: %(default)s)",
+    )
+    add_sampling_args(parser)
+    return parser
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be in [0, 65535], got {args.port}")
+    for flag, value, low in (
+        ("--max-tokens-limit", args.max_tokens_limit, 1),
+        ("--queue-size", args.queue_size, 0),
+        ("--max-request-bytes", args.max_request_bytes, 1024),
+        ("--max-connections", args.max_connections, 1),
+    ):
+        if value < low:
+            raise CliError(f"{flag} must be >= {low}, got {value}")
+    if not args.timeout > 0:
+        raise CliError(f"--timeout must be > 0, got {args.timeout}")
+    sampling = sampling_from_args(args)
+    if args.verbose:  # the server's access log on stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logging.getLogger("pymoe").addHandler(handler)
+        logging.getLogger("pymoe").setLevel(logging.DEBUG)
+    with load_model(args) as model:
+        try:
+            server = Server(
+                model,
+                host=args.host,
+                port=args.port,
+                model_name=args.model_name,
+                api_key=args.api_key,
+                max_request_bytes=args.max_request_bytes,
+                max_tokens_limit=args.max_tokens_limit,
+                queue_size=args.queue_size,
+                timeout=args.timeout,
+                max_connections=args.max_connections,
+                sampling=sampling,
+            )
+        except OSError as e:
+            raise CliError(
+                f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; "
+                "hint: pick another --port (0: any free one) or --host"
+            ) from e
+        if not args.api_key and not _is_loopback(args.host):
+            print(
+                f"pymoe serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+                "port can use the model",
+                file=sys.stderr,
+            )
+        print(
+            f"pymoe serve: {server.model_name} on {server.url}/v1 (context {model.n_ctx} tokens; one request at a "
+            f"time, {args.queue_size} may wait; Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            server.close()
+        print("pymoe serve: stopped", file=sys.stderr)
+    return 0
