@@ -108,7 +108,6 @@ class async_loader {
     };
 
     io_pool                 io_;
-    std::thread             thread_;
     std::mutex              mutex_;
     std::condition_variable cv_;
     std::condition_variable cv_done_;
@@ -118,6 +117,7 @@ class async_loader {
     std::atomic<uint64_t>   bytes_{ 0 };
     std::atomic<uint64_t>   busy_ns_{ 0 };
     std::string             error_;
+    std::thread             thread_;  // last: it starts running loop(), which uses every member above
 };
 
 }  // namespace pymoe
