@@ -32,7 +32,10 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def write_tiny_moe(path: Path, n_layer: int = 2, n_embd: int = 64, n_ff: int = 128, n_expert: int = 4) -> None:
+def write_tiny_moe(
+    path: Path, n_layer: int = 2, n_embd: int = 64, n_ff: int = 128, n_expert: int = 4, attn_dtype: type = np.float32
+) -> None:
+    """A tiny random llama-architecture MoE; `attn_dtype` is the attention weights' type (tests pass float64)."""
     rng = np.random.default_rng(0)
     byte = bytes_to_unicode()
     merged = byte[ord(" ")] + byte[ord("t")]  # one merge: the BPE needs at least one
@@ -67,7 +70,7 @@ def write_tiny_moe(path: Path, n_layer: int = 2, n_embd: int = 64, n_ff: int = 1
     for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(f"blk.{i}.{name}.weight", t(n_embd, n_embd))
+            w.add_tensor(f"blk.{i}.{name}.weight", t(n_embd, n_embd).astype(attn_dtype))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
         w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", t(n_expert, n_embd))
         w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", t(n_expert, n_ff, n_embd))

@@ -1,0 +1,65 @@
+"""Hostile inputs end in a clean Python exception, never a crash or a hang:
+a weight type the CPU cannot multiply, and a bounded fuzz run over mutated
+and truncated GGUF files and sidecars (tools/fuzz_gguf.py; the long runs and
+the AddressSanitizer run are in docs/fuzzing.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from wheel_smoke import write_tiny_moe
+
+from pymoe import Model
+
+FUZZ = ROOT / "tools" / "fuzz_gguf.py"
+
+
+def test_a_weight_type_without_a_cpu_matmul_is_a_clean_error(tmp_path):
+    path = tmp_path / "f64.gguf"
+    write_tiny_moe(path, attn_dtype=np.float64)  # valid GGUF, F64 attention weights: used to SIGSEGV
+    with pytest.raises(RuntimeError, match="failed to load model"):
+        Model(path, n_ctx=64)
+    ok = tmp_path / "f32.gguf"
+    write_tiny_moe(ok)
+    with Model(ok, n_ctx=64) as m:
+        assert np.isfinite(m.logits([1, 2, 3])).all()
+
+
+@pytest.mark.parametrize("target", ["model", "sidecar"])
+def test_fuzzed_files_fail_cleanly(target, tmp_path):
+    seed = tmp_path / "seed.gguf"
+    write_tiny_moe(seed)
+    args = [
+        sys.executable,
+        str(FUZZ),
+        "--seed-model",
+        str(seed),
+        "--cases",
+        "24",
+        "--minutes",
+        "3",
+        "--seed",
+        "7",
+        "--keep-dir",
+        str(tmp_path / "findings"),
+        "--json",
+        str(tmp_path / "out.json"),
+        "--timeout",
+        "60",
+    ]
+    if target == "sidecar":
+        from pymoe.convert import build_sidecar
+
+        side = tmp_path / "seed.lo.gguf"
+        build_sidecar(seed, side, lo_type="q8_0")
+        args += ["--sidecar", str(side)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert summary["findings"] == [], proc.stderr
+    assert proc.returncode == 0 and summary["cases"] == 24
+    assert summary["outcomes"].get("clean", 0) > 0  # the mutations do break things, and cleanly
