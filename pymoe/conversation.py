@@ -31,8 +31,7 @@ class Conversation:
         self.model.reset()
 
     def _prompt_tokens(self, messages: list[Message]) -> int:
-        text = self.model.format_chat(messages)
-        return len(self.model.tokenize(text, add_bos=True, special=True))
+        return len(self.model.chat_tokens(messages))
 
     def _fit(self, messages: list[Message]) -> list[Message]:
         budget = self.model.n_ctx - min(self.max_tokens, self.model.n_ctx // 2)

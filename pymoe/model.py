@@ -473,10 +473,15 @@ class Model:
         """Answers the conversation `messages` (``[{"role": "user", "content": "..."}]``)
         formatted with the model's chat template. Keyword arguments are those
         of `generate` (temperature, top_k, ..., seed, stop)."""
+        return self.generate(self.chat_tokens(messages, template=template), max_tokens, stream=stream, **sampling)
+
+    def chat_tokens(self, messages: Sequence[Message], *, template: str | None = None) -> list[int]:
+        """The prompt tokens `chat` feeds for `messages`: the chat template applied,
+        control tokens parsed, BOS added unless the template already starts with it."""
         prompt = self.format_chat(messages, template=template)
         bos_text = self._bos_text()
         add_bos = not (bos_text and prompt.startswith(bos_text))
-        return self.generate(prompt, max_tokens, stream=stream, add_bos=add_bos, special=True, **sampling)
+        return self.tokenize(prompt, add_bos=add_bos, special=True)
 
     def format_chat(
         self, messages: Sequence[Message], *, template: str | None = None, add_assistant: bool = True

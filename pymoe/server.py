@@ -523,10 +523,7 @@ class Server:
     def _tokens(self, req: CompletionRequest) -> list[int]:
         model = self.model
         if req.chat:
-            text = model.format_chat(req.messages)
-            # as Model.chat does: no second BOS when the template already starts with one
-            bos = model._bos_text()
-            return model.tokenize(text, add_bos=not (bos and text.startswith(bos)), special=True)
+            return model.chat_tokens(req.messages)
         if isinstance(req.prompt, str):
             return model.tokenize(req.prompt, add_bos=True, special=False)
         bad = [t for t in req.prompt if not 0 <= t < self.n_vocab]

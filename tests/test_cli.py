@@ -207,10 +207,12 @@ def test_chat_reads_piped_stdin(demo_gguf):
 def test_chat_past_the_context_window(demo_gguf):
     """Past the context the oldest turns are dropped (a context shift); a single
     message longer than the context gets a clear message; no crash either way."""
-    long_turn = "Tell me about the sea. " * 12
+    long_turn = "Tell me about the sea. " * 14
     too_long = "word " * 400
-    session = "".join(f"{long_turn}\n" for _ in range(6)) + f"{too_long}\nWhat is the capital of France?\n/exit\n"
-    proc = run_pymoe("chat", str(demo_gguf), "--temp", "0", "-n", "24", "--ctx-size", "256", input=session, timeout=600)
+    session = "".join(f"{long_turn}\n" for _ in range(4)) + f"{too_long}\nWhat is the capital of France?\n/exit\n"
+    proc = run_pymoe(
+        "chat", str(demo_gguf), "--temp", "0", "-n", "12", "--ctx-size", "256", "-t", "1", input=session, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     assert "dropped the" in proc.stderr and "oldest turn" in proc.stderr
     assert "too long for the context of 256 tokens" in proc.stderr
