@@ -260,7 +260,7 @@ def load_sentencepiece(folder: Path, n_vocab: int) -> Vocab:
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError as e:
-        raise ImportError(f"reading '{path}' needs sentencepiece; hint: pip install sentencepiece") from e
+        raise ImportError(f"reading '{path}' needs sentencepiece; hint: pip install 'pymoe[convert]'") from e
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(path))
