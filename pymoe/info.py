@@ -46,8 +46,14 @@ def budget_split(s: GGUFSummary, budget_text: str) -> dict:
     plan = _core.offload_plan(str(s.path), budget)
     slots = sum(p["n_slots"] for p in plan["pools"])
     experts = sum(p["n_experts"] for p in plan["pools"])
-    return {"budget": budget, "allocated": plan["bytes"], "slots": slots, "experts": experts,
-            "share_cached": slots / experts if experts else 0.0, "pools": plan["pools"]}
+    return {
+        "budget": budget,
+        "allocated": plan["bytes"],
+        "slots": slots,
+        "experts": experts,
+        "share_cached": slots / experts if experts else 0.0,
+        "pools": plan["pools"],
+    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -84,13 +90,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"{typ:<10}{human(b['expert']):>14}{human(b['other']):>14}{human(b['expert'] + b['other']):>14}")
     if split:
         print()
-        print(f"budget        {human(split['budget'])}: {split['slots']} of {split['experts']} experts "
-              f"({split['share_cached']:.0%}) in slots, {human(split['allocated'])} allocated")
+        print(
+            f"budget        {human(split['budget'])}: {split['slots']} of {split['experts']} experts "
+            f"({split['share_cached']:.0%}) in slots, {human(split['allocated'])} allocated"
+        )
         for i, p in enumerate(split["pools"]):
             layers = p["layers"]
             span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
-            print(f"  pool {i}: layers {span}, {p['n_slots']} slots of {human(p['slot_bytes'])} "
-                  f"({p['n_slots'] / p['n_experts']:.0%} of its {p['n_experts']} experts)")
+            print(
+                f"  pool {i}: layers {span}, {p['n_slots']} slots of {human(p['slot_bytes'])} "
+                f"({p['n_slots'] / p['n_experts']:.0%} of its {p['n_experts']} experts)"
+            )
     if args.tensors:
         print()
         for t in s.tensors:

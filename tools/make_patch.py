@@ -48,8 +48,10 @@ def main() -> int:
         print(f"{patch.name}: write a header first (why this patch exists), then run again", file=sys.stderr)
         return 1
     # the patch's current diffs, by file: with --files only those are regenerated, the others kept
-    kept = {m.group(1): m.group(0) for m in re.finditer(r"^diff --git a/(\S+) b/.*?(?=^diff --git |\Z)", text,
-                                                        flags=re.M | re.S)}
+    kept = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"^diff --git a/(\S+) b/.*?(?=^diff --git |\Z)", text, flags=re.M | re.S)
+    }
     files = args.files or sorted(kept)
     if not files:
         print("no files: pass --files", file=sys.stderr)
@@ -61,8 +63,11 @@ def main() -> int:
         shared = set(files) & set(re.findall(r"^diff --git a/(\S+) b/", later.read_text(), flags=re.M))
         if shared:
             # the working tree holds the later patch's edits too; they would be folded into this one
-            print(f"{', '.join(sorted(shared))} also changed by {later.name}: edit that file's hunks of "
-                  f"{patch.name} by hand, or regenerate the patches from the last one down", file=sys.stderr)
+            print(
+                f"{', '.join(sorted(shared))} also changed by {later.name}: edit that file's hunks of "
+                f"{patch.name} by hand, or regenerate the patches from the last one down",
+                file=sys.stderr,
+            )
             return 1
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
