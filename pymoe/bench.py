@@ -57,7 +57,11 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         action="store_true",
         help="also run the pinned llama.cpp's llama-bench on the same file and print the ratio",
     )
-    parser.add_argument("--llama-bench", metavar="PATH", help="the llama-bench binary (default: build/llama-tools)")
+    parser.add_argument(
+        "--llama-bench",
+        metavar="PATH",
+        help="the llama-bench binary (default: $PYMOE_LLAMA_BENCH, the checkout's build/llama-tools/bin/, PATH)",
+    )
     return parser
 
 
@@ -146,12 +150,14 @@ def find_llama_bench(path: str | None) -> Path:
         if not Path(path).is_file():
             raise FileNotFoundError(f"llama-bench not found at '{path}'; hint: tools/build_llama_tools.sh builds it")
         return Path(path)
-    for candidate in (ROOT / "build" / "llama-tools" / "bin" / "llama-bench", shutil.which("llama-bench")):
+    built = Path("build") / "llama-tools" / "bin" / "llama-bench"
+    candidates = (os.environ.get("PYMOE_LLAMA_BENCH"), ROOT / built, Path.cwd() / built, shutil.which("llama-bench"))
+    for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     raise FileNotFoundError(
-        "llama-bench not found; hint: build it with tools/build_llama_tools.sh (from a source checkout) or pass "
-        "--llama-bench PATH"
+        "llama-bench not found; hint: build it with tools/build_llama_tools.sh (from a source checkout), then run "
+        "from the checkout, set PYMOE_LLAMA_BENCH or pass --llama-bench PATH"
     )
 
 

@@ -47,7 +47,9 @@ LLAMA_BENCH = ROOT / "build" / "llama-tools" / "bin" / "llama-bench"
 
 
 @pytest.mark.skipif(not LLAMA_BENCH.is_file(), reason="llama-bench not built (tools/build_llama_tools.sh)")
-def test_bench_vs_llama_cpp(tiny):
+def test_bench_vs_llama_cpp(tiny, monkeypatch):
+    # an installed (not editable) pymoe finds the checkout's llama-bench through the environment
+    monkeypatch.setenv("PYMOE_LLAMA_BENCH", str(LLAMA_BENCH))
     proc = run_pymoe(
         "bench", str(tiny.gguf("mixtral")), "--budgets", "off", "-p", "16", "-n", "4", "--vs-llama-cpp", "--json"
     )
