@@ -276,6 +276,18 @@ PYBIND11_MODULE(_core, mod) {
         "Actions (0 hit, 1 load, 2 direct, 3 hit low, 4 load low) for experts = "
         "[(expert, n_tokens, max weight, cached, cached low)].");
     mod.def(
+        "relative_gate_weights",
+        [](const f32_array & w) {
+            if (w.ndim() != 2) {
+                throw std::invalid_argument("weights must be [n_tokens, n_used]");
+            }
+            py::array_t<float> out({ w.shape(0), w.shape(1) });
+            std::copy(w.data(), w.data() + w.size(), out.mutable_data());
+            pymoe::relative_gate_weights(out.mutable_data(), w.shape(0), w.shape(1));
+            return out;
+        },
+        py::arg("weights"), "The weights the planner compares with lo_threshold: each row over its sum.");
+    mod.def(
         "router_topk",
         [](const f32_array & w, const f32_array & x, int32_t k, int32_t gating, std::optional<f32_array> bias) {
             if (w.ndim() != 2 || x.ndim() != 2 || w.shape(1) != x.shape(1)) {
@@ -370,7 +382,7 @@ PYBIND11_MODULE(_core, mod) {
 
     py::class_<py_model>(mod, "Model")
         .def(py::init([](const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, int32_t n_seq_max,
-                         int32_t n_threads, int32_t n_gpu_layers, bool use_mmap, bool flash_attn,
+                         int32_t n_threads, int32_t n_gpu_layers, bool use_mmap, bool repack, bool flash_attn,
                          const std::string & cache_type, bool offload, uint64_t expert_budget,
                          const std::string & policy, const std::vector<double> & profile, bool direct_io,
                          int32_t io_threads, const std::string & offload_tier, bool cpu_assist,
@@ -386,6 +398,7 @@ PYBIND11_MODULE(_core, mod) {
                  p.n_threads    = n_threads;
                  p.n_gpu_layers = n_gpu_layers;
                  p.use_mmap     = use_mmap;
+                 p.repack       = repack;
                  p.flash_attn   = flash_attn;
                  p.cache_type   = cache_type;
                  p.offload.enabled    = offload;
@@ -408,7 +421,8 @@ PYBIND11_MODULE(_core, mod) {
              }),
              py::arg("path"), py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_ubatch") = 512,
              py::arg("n_seq_max") = 1, py::arg("n_threads") = 0, py::arg("n_gpu_layers") = -1,
-             py::arg("use_mmap") = true, py::arg("flash_attn") = false, py::arg("cache_type") = "f16",
+             py::arg("use_mmap") = true, py::arg("repack") = true, py::arg("flash_attn") = false,
+             py::arg("cache_type") = "f16",
              py::arg("offload") = false, py::arg("expert_budget") = 0, py::arg("policy") = "lru",
              py::arg("profile") = std::vector<double>(), py::arg("direct_io") = true, py::arg("io_threads") = 4,
              py::arg("offload_tier") = "disk", py::arg("cpu_assist") = true,

@@ -347,6 +347,7 @@ void engine::on_route(int32_t il) {
     try {
         read_ids(rt.selected, sel_);
         read_weights(rt.weights, w_);
+        relative_gate_weights(w_.data(), n_tokens, n_used);
         if (!replay_cursor_.empty()) {
             // benchmark mode: the trace's experts replace the router's choice
             const uint64_t rows = params_.replay.size() / ((size_t) n_layer_ * (size_t) n_used);
@@ -377,8 +378,12 @@ void engine::on_route(int32_t il) {
         ids_pool_b_.assign((size_t) n_pairs, -1);
         ids_lo_.assign((size_t) n_pairs, -1);
         ids_lo_b_.assign((size_t) n_pairs, -1);
-        ids_direct_.assign(sel_.begin(), sel_.begin() + std::min<size_t>(sel_.size(), (size_t) n_pairs));
-        ids_direct_.resize((size_t) n_pairs, 0);
+        ids_direct_.assign((size_t) n_pairs, -1);  // an id out of range would be read out of bounds: skip it
+        for (size_t p = 0; p < ids_direct_.size() && p < sel_.size(); ++p) {
+            if (sel_[p] >= 0 && sel_[p] < n_expert_) {
+                ids_direct_[p] = sel_[p];
+            }
+        }
         ls              = layer_stats{};
         ls.direct_pairs = (uint64_t) n_pairs;
     }

@@ -32,6 +32,15 @@ class moe_hook : public llama_moe_hook {
             eng_.store().set_host(il, p.kind, static_cast<const uint8_t *>(t->data));
         }
         eng_.note_layer_built(il, { layer.selected, layer.weights, layer.input });
+        // the engine reads the router's choice when the weights are computed;
+        // by then the allocator may have reused its memory (its last reader,
+        // the weights' get_rows, is done: it happens with 1-token ubatches).
+        // Outputs are never reused.
+        for (ggml_tensor * t : { layer.selected, layer.selected->view_src }) {
+            if (t) {
+                ggml_set_output(t);
+            }
+        }
         if (eng_.predictor()) {
             eng_.predictor()->set_router(il, layer.gate_inp, layer.exp_probs_b, layer.gating_op);
         }

@@ -24,6 +24,21 @@ double plan_direct_seconds(const plan_request & req, int32_t n_tokens) {
     return t;
 }
 
+void relative_gate_weights(float * w, int64_t n_tokens, int64_t n_used) {
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        float * row = w + t * n_used;
+        double  sum = 0.0;
+        for (int64_t i = 0; i < n_used; ++i) {
+            sum += std::max(row[i], 0.0f);
+        }
+        if (sum > 0.0) {
+            for (int64_t i = 0; i < n_used; ++i) {
+                row[i] = (float) (std::max(row[i], 0.0f) / sum);
+            }
+        }
+    }
+}
+
 std::vector<expert_action> plan_layer(const plan_request & req) {
     const size_t               n = req.experts.size();
     std::vector<expert_action> out(n, ACTION_DIRECT);

@@ -38,7 +38,7 @@ struct plan_request {
     int32_t                     capacity_lo = 0; // low-precision slots the step may take
     bool                        admit    = true; // the policy lets a miss take a slot
     bool                        assist   = true; // the cost model may send a miss to the direct branch
-    float                       lo_threshold = 0; // gate weight below which low precision will do (0: never)
+    float                       lo_threshold = 0; // relative gate weight below which low precision will do (0: never)
     uint64_t                    expert_bytes    = 0;
     uint64_t                    expert_bytes_lo = 0;
     double                      flops_per_token = 0; // 2 x parameters of one expert
@@ -57,6 +57,13 @@ struct plan_request {
 //    precision is thereby upgraded (loaded high) or served directly: low
 //    precision is only ever used for unimportant pairs.
 std::vector<expert_action> plan_layer(const plan_request & req);
+
+// The weights the planner compares with lo_threshold: each pair's gate weight
+// divided by the sum of its token's top-k weights (in place, w[t * n_used + i]).
+// Models that normalise their top-k weights are unchanged; for those that do
+// not (OLMoE, Qwen2-MoE, DeepSeek-V2) one threshold then means the same share
+// of a token's output whatever the model's k and gating.
+void relative_gate_weights(float * w, int64_t n_tokens, int64_t n_used);
 
 // How many steps a loaded expert serves, learned as the run goes: 1 + the
 // hits per load so far, starting from what uniform routing would give a

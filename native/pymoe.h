@@ -233,6 +233,7 @@ struct model_params {
     int32_t     n_gpu_layers = -1;   // -1 = all layers on the GPU when there is one
     bool        use_mmap     = true;
     bool        flash_attn   = false;
+    bool        repack       = true;  // llama.cpp may repack weights for its CPU kernels (never with offload)
     std::string cache_type   = "f16"; // KV cache element type (ggml type name: f32, f16, q8_0 ...)
     offload_params offload;              // the expert-offload engine (off by default)
 };

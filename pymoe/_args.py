@@ -43,6 +43,11 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Fa
     )
     g.add_argument("--no-mmap", action="store_true", help="read the file into memory instead of mapping it")
     g.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="keep llama.cpp from repacking weights for its CPU kernels (always off while offloading)",
+    )
+    g.add_argument(
         "--cache-type",
         default="f16",
         metavar="TYPE",
@@ -94,7 +99,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Fa
         type=float,
         default=DEFAULT_LO_THRESHOLD,
         metavar="W",
-        help="a pair whose gate weight is below W may run in low precision (default: %(default)s)",
+        help="a pair whose gate weight, relative to its token's top-k sum, is below W may run in low precision (default: %(default)s, see docs/quality.md)",
     )
     o.add_argument(
         "--prefetch",
@@ -135,6 +140,7 @@ def model_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
         "n_threads": args.threads,
         "n_gpu_layers": args.n_gpu_layers,
         "use_mmap": not args.no_mmap,
+        "repack": not args.no_repack,
         "cache_type": args.cache_type,
         "offload": args.offload,
         "expert_budget": budget_arg(args.expert_budget),

@@ -24,8 +24,25 @@ class Model:
         n_threads: int = 0,
         n_gpu_layers: int = -1,
         use_mmap: bool = True,
+        repack: bool = True,
         flash_attn: bool = False,
         cache_type: str = "f16",
+        offload: bool = False,
+        expert_budget: int = 0,
+        policy: str = "lru",
+        profile: list[float] = ...,
+        direct_io: bool = True,
+        io_threads: int = 4,
+        offload_tier: str = "disk",
+        cpu_assist: bool = True,
+        replay: list[int] = ...,
+        lo_path: str = "",
+        lo_share: float = 0.25,
+        lo_threshold: float = 0.0,
+        prefetch: bool = False,
+        prefetch_depth: int = 1,
+        prefetch_max_tokens: int = 4,
+        multidim: tuple[float, float, float] = (1.0, 1.0, 1.0),
     ) -> None: ...
     def close(self) -> None: ...
     @property
@@ -75,6 +92,10 @@ class Model:
     @property
     def n_params(self) -> int: ...
     n_threads: int
+    @property
+    def offload_enabled(self) -> bool: ...
+    def offload_stats(self) -> dict[str, Any]: ...
+    def offload_reset_stats(self) -> None: ...
 
 class Sampler:
     def __init__(
@@ -98,3 +119,58 @@ def type_info(name: str) -> dict[str, Any]: ...
 def row_size(type: str, n_per_row: int) -> int: ...
 def quantize(src: npt.ArrayLike, type: str, n_threads: int = 0) -> npt.NDArray[np.uint8]: ...
 def dequantize(src: npt.ArrayLike, type: str, n_per_row: int, n_threads: int = 0) -> npt.NDArray[np.float32]: ...
+
+# the engine's pure parts, for tests and the trace simulator
+def policy_names() -> list[str]: ...
+def policy_pick_victim(
+    policy: str,
+    slots: list[tuple[int, int, int, int, float, int]],
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> int: ...
+def policy_admits_on_miss(policy: str) -> bool: ...
+def plan_layer(
+    experts: list[tuple[int, int, float, bool, bool]],
+    capacity: int,
+    admit: bool = True,
+    expert_bytes: int = 0,
+    flops_per_token: float = 0.0,
+    read_bw: float = 0.0,
+    direct_bw: float = 0.0,
+    fast_flops: float = 0.0,
+    slow_flops: float = 0.0,
+    reuse: float = 1.0,
+    assist: bool = True,
+    capacity_lo: int = 0,
+    lo_threshold: float = 0.0,
+    expert_bytes_lo: int = 0,
+) -> list[int]: ...
+def relative_gate_weights(weights: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
+def router_topk(
+    w: npt.ArrayLike, x: npt.ArrayLike, k: int, gating: int = 1, bias: npt.ArrayLike | None = None
+) -> list[tuple[int, float]]: ...
+def offload_plan(path: str, budget: int) -> dict[str, Any]: ...
+
+class CacheSimulator:
+    def __init__(
+        self,
+        n_layer: int,
+        n_expert: int,
+        expert_bytes: int,
+        expert_bytes_lo: int = 0,
+        budget: int = 0,
+        lo_share: float = 0.25,
+        lo_threshold: float = 0.0,
+        policy: str = "lru",
+        weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        per_layer: bool = False,
+        assist: bool = True,
+        link_bw: float = 0.0,
+        direct_bw: float = 0.0,
+        fast_flops: float = 0.0,
+        slow_flops: float = 0.0,
+        reuse: float = 1.0,
+        flops_per_token: float = 0.0,
+        layer_seconds: float = 0.0,
+    ) -> None: ...
+    def run(self, ids: npt.ArrayLike, weights: npt.ArrayLike) -> None: ...
+    def result(self) -> dict[str, Any]: ...

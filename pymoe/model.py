@@ -108,6 +108,10 @@ class Model:
     n_threads: CPU threads; 0 uses every hardware thread.
     n_gpu_layers: layers on the GPU when built with one (-1: all).
     use_mmap: map the file instead of reading it into memory.
+    repack: let llama.cpp repack weights into the layouts of its faster CPU
+        kernels (q4_0, q4_K, iq4_nl ... on x86 and ARM). Always off while the
+        offload engine runs (its slots are byte copies of the file's layout);
+        pass False for a reference that sums exactly as the engine does.
     flash_attn: use flash attention.
     cache_type: KV cache element type ("f16", "f32", "q8_0" ...).
     offload: the expert-offload engine: "auto" (on for a MoE model whose
@@ -131,8 +135,9 @@ class Model:
     sidecar: the low-precision copy of the experts (`pymoe convert` writes
         MODEL.lo.gguf; "auto" uses that file when it exists). With it,
         `lo_share` of the budget holds low-precision slots and a pair whose
-        gate weight is below `lo_threshold` may be computed in low precision
-        (HOBBIT's token-level dynamic precision).
+        gate weight, divided by the sum of its token's top-k weights, is below
+        `lo_threshold` may be computed in low precision (HOBBIT's token-level
+        dynamic precision; docs/quality.md measured the default).
     prefetch: predict the next `prefetch_depth` layers' experts (their
         routers applied to the current hidden state) and load them in the
         background while the current layer computes.
@@ -151,6 +156,7 @@ class Model:
         n_threads: int = 0,
         n_gpu_layers: int = -1,
         use_mmap: bool = True,
+        repack: bool = True,
         flash_attn: bool = False,
         cache_type: str = "f16",
         offload: str = "auto",
@@ -201,6 +207,7 @@ class Model:
             n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
             use_mmap=use_mmap,
+            repack=repack,
             flash_attn=flash_attn,
             cache_type=cache_type,
             offload=self.offload.enabled,

@@ -173,9 +173,10 @@ class OffloadConfig:
 
 TIERS = ("auto", "disk", "host")
 
-# gate weight below which a pair may use the low-precision copy: see docs/design.md
-# ("Mixed precision: the default threshold") for the measurement behind it
-DEFAULT_LO_THRESHOLD = 0.25
+# relative gate weight (the pair's weight over its token's top-k sum) below which
+# a pair may use the low-precision copy: docs/quality.md has the measurement
+# behind the value (q2_K sidecars, the converter's default)
+DEFAULT_LO_THRESHOLD = 0.2
 
 
 def resolve_sidecar(main: Path, sidecar: str | os.PathLike[str] | None) -> Path | None:

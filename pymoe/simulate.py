@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _core
-from .offload import parse_budget
+from .offload import DEFAULT_LO_THRESHOLD, parse_budget
 from .traces import load_trace
 
 LO_BITS = {"q2_K": 2.625, "q3_K": 3.4375, "q4_0": 4.5, "q4_K": 4.5, "q8_0": 8.5}
@@ -83,8 +83,9 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument(
         "--lo-threshold",
         type=float,
-        default=0.25,
-        help="gate weight below which low precision is used (default: %(default)s)",
+        default=DEFAULT_LO_THRESHOLD,
+        help="relative gate weight (over the token's top-k sum) below which low precision is used "
+        "(default: %(default)s)",
     )
     parser.add_argument("--no-cpu-assist", action="store_true", help="never compute a miss where it lives")
     parser.add_argument("--link-gbps", type=float, default=16.0, help="slot loads, GB/s (default: %(default)s)")

@@ -3,14 +3,25 @@ cache) and tiny random MoE checkpoints converted by llama.cpp's converter."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
+
+
+def load_tool(name: str) -> ModuleType:
+    """Imports tools/NAME.py (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run_pymoe(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:

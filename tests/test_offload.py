@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_pymoe
+from conftest import load_tool, run_pymoe
 
 from pymoe import Model, _core, summarize
 from pymoe.offload import OffloadConfig, parse_budget, parse_size
@@ -91,6 +91,44 @@ def test_budget_zero_and_cpu_assist_are_exact(baselines):
             assert m.offload_stats()["pool_pairs"] == 0  # everything in place: budget 0, or copying never pays
         np.testing.assert_array_equal(batch, ref_batch)
         np.testing.assert_array_equal(steps, ref_steps)
+
+
+@pytest.mark.parametrize("tier", ["disk", "host"])
+def test_one_token_ubatches(demo_gguf, tier):
+    """n_ubatch=1 (`-b 1`): the router's choice must still be readable when the
+    engine reads it (the allocator once reused its memory: a crash)."""
+    tokens = [1, 504, 3458, 282, 4649, 314]
+    with Model(demo_gguf, n_ctx=64, n_batch=1, n_ubatch=1, offload="off") as m:
+        ref = m.logits(tokens)
+    with Model(demo_gguf, n_ctx=64, n_batch=1, n_ubatch=1, offload="on", expert_budget=0.5, offload_tier=tier) as m:
+        np.testing.assert_array_equal(m.logits(tokens), ref)
+        assert m.offload_stats()["pairs"] == 30 * 2 * len(tokens)  # every layer planned every token
+
+
+@pytest.fixture(scope="module")
+def repacked_models(tmp_path_factory):
+    """The tiny synthetic model with experts in the types llama.cpp repacks
+    for its CPU kernels (q4_0, q4_K, iq4_nl on x86 and ARM)."""
+    synth = load_tool("make_synthetic_moe")
+    root = tmp_path_factory.mktemp("repacked")
+    return {t: synth.write_model("tiny", root / f"tiny-{t}.gguf", seed=3, expert_type=t) for t in ("q4_0", "q4_K")}
+
+
+@pytest.mark.parametrize("etype", ["q4_0", "q4_K"])
+@pytest.mark.parametrize("tier", ["disk", "host"])
+def test_repackable_expert_types_are_exact(repacked_models, etype, tier):
+    """Offloading keeps llama.cpp from repacking (slots are byte copies of the
+    file's layout): the logits equal offload off with repack=False bit for bit."""
+    path = repacked_models[etype]
+    tokens = [1, *range(300, 340)]
+    with Model(path, n_ctx=128, offload="off", repack=False) as m:
+        ref = m.logits(tokens)
+    with Model(path, n_ctx=128, offload="off") as m:  # repacked kernels: the same maths, summed in another order
+        np.testing.assert_allclose(m.logits(tokens), ref, atol=0.1)
+    for budget in (0, 0.25, 1.0):
+        with Model(path, n_ctx=128, offload="on", expert_budget=budget, offload_tier=tier, cpu_assist=False) as m:
+            np.testing.assert_array_equal(m.logits(tokens), ref)
+            assert (m.offload_stats()["loads"] > 0) == (budget > 0)
 
 
 def test_demo_model_greedy_text_is_unchanged(demo_gguf):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import load_tool
 
 from pymoe import Model
 
@@ -16,12 +13,7 @@ THRESHOLDS = [0.3, 0.5, 1.01]
 
 @pytest.fixture(scope="module")
 def tool():
-    path = ROOT / "tools" / "quality_mixed_precision.py"
-    spec = importlib.util.spec_from_file_location("quality_mixed_precision", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("quality_mixed_precision")
 
 
 @pytest.fixture(scope="module")
