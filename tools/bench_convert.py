@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pagecache import evict  # tools/, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP = ROOT / "third_party" / "llama.cpp"
@@ -127,18 +128,6 @@ def make_checkpoint(out: Path, *, hidden: int, ff: int, n_expert: int, layers: i
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return total
-
-
-def evict(folder: Path) -> None:
-    """Drops a folder's files from the page cache, so the next reader reads the disk."""
-    for p in folder.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def measure(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> dict[str, float]:
