@@ -303,12 +303,12 @@ PYBIND11_MODULE(_core, mod) {
 
     mod.def(
         "offload_plan",
-        [](const std::string & path, uint64_t budget) {
+        [](const std::string & path, uint64_t budget, bool per_layer) {
             uint64_t               planned = 0;
             std::vector<pymoe::pool_plan> plan;
             {
                 py::gil_scoped_release release;
-                plan = pymoe::offload_plan(path, budget, &planned);
+                plan = pymoe::offload_plan(path, budget, &planned, per_layer);
             }
             py::list pools;
             for (const auto & p : plan) {
@@ -317,7 +317,8 @@ PYBIND11_MODULE(_core, mod) {
             }
             return py::dict(py::arg("pools") = pools, py::arg("bytes") = planned);
         },
-        py::arg("path"), py::arg("budget"), "How `budget` bytes would split over the model's slot pools.");
+        py::arg("path"), py::arg("budget"), py::arg("per_layer") = true,
+        "How `budget` bytes would split over the model's slot pools.");
 
     py::class_<pymoe::cache_simulator>(mod, "CacheSimulator",
                                        "Replays routing decisions through the engine's cache, policies and planner.")
@@ -346,7 +347,7 @@ PYBIND11_MODULE(_core, mod) {
              py::arg("n_layer"), py::arg("n_expert"), py::arg("expert_bytes"), py::arg("expert_bytes_lo") = 0,
              py::arg("budget") = 0, py::arg("lo_share") = 0.25, py::arg("lo_threshold") = 0.0f,
              py::arg("policy") = "lru", py::arg("weights") = std::make_tuple(1.0, 1.0, 1.0),
-             py::arg("per_layer") = false, py::arg("assist") = true, py::arg("link_bw") = 0.0,
+             py::arg("per_layer") = true, py::arg("assist") = true, py::arg("link_bw") = 0.0,
              py::arg("direct_bw") = 0.0, py::arg("fast_flops") = 0.0, py::arg("slow_flops") = 0.0,
              py::arg("reuse") = 1.0, py::arg("flops_per_token") = 0.0, py::arg("layer_seconds") = 0.0)
         .def(
@@ -384,7 +385,8 @@ PYBIND11_MODULE(_core, mod) {
         .def(py::init([](const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, int32_t n_seq_max,
                          int32_t n_threads, int32_t n_gpu_layers, bool use_mmap, bool repack, bool flash_attn,
                          const std::string & cache_type, bool offload, uint64_t expert_budget,
-                         const std::string & policy, const std::vector<double> & profile, bool direct_io,
+                         const std::string & policy, bool per_layer, const std::vector<double> & profile,
+                         bool direct_io,
                          int32_t io_threads, const std::string & offload_tier, bool cpu_assist,
                          const std::vector<int32_t> & replay, const std::string & lo_path, double lo_share,
                          float lo_threshold, bool prefetch, int32_t prefetch_depth, int32_t prefetch_max_tokens,
@@ -404,6 +406,7 @@ PYBIND11_MODULE(_core, mod) {
                  p.offload.enabled    = offload;
                  p.offload.budget     = expert_budget;
                  p.offload.policy     = policy;
+                 p.offload.per_layer  = per_layer;
                  p.offload.profile    = profile;
                  p.offload.direct_io  = direct_io;
                  p.offload.io_threads = io_threads;
@@ -424,7 +427,8 @@ PYBIND11_MODULE(_core, mod) {
              py::arg("use_mmap") = true, py::arg("repack") = true, py::arg("flash_attn") = false,
              py::arg("cache_type") = "f16",
              py::arg("offload") = false, py::arg("expert_budget") = 0, py::arg("policy") = "lru",
-             py::arg("profile") = std::vector<double>(), py::arg("direct_io") = true, py::arg("io_threads") = 4,
+             py::arg("per_layer") = true, py::arg("profile") = std::vector<double>(), py::arg("direct_io") = true,
+             py::arg("io_threads") = 4,
              py::arg("offload_tier") = "disk", py::arg("cpu_assist") = true,
              py::arg("replay") = std::vector<int32_t>(), py::arg("lo_path") = "", py::arg("lo_share") = 0.25,
              py::arg("lo_threshold") = 0.0f, py::arg("prefetch") = false, py::arg("prefetch_depth") = 1,

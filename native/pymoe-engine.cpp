@@ -104,10 +104,12 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
         const uint64_t budget_lo = (uint64_t) (params.lo_share * (double) params.budget);
         budget_hi -= budget_lo;
         cache_lo_ = std::make_unique<expert_cache>(store_lo_->layers(), n_expert, budget_lo, buft_fast,
-                                                   make_eviction_policy(params.policy, mw), params.profile);
+                                                   make_eviction_policy(params.policy, mw), params.profile, true,
+                                                   params.per_layer);
     }
     cache_ = std::make_unique<expert_cache>(store_->layers(), n_expert, budget_hi, buft_fast,
-                                            make_eviction_policy(params.policy, mw), params.profile);
+                                            make_eviction_policy(params.policy, mw), params.profile, true,
+                                            params.per_layer);
     if (params.prefetch) {
         predictor_ = std::make_unique<router_predictor>(n_layer, n_embd);
         loader_    = std::make_unique<async_loader>(std::max(1, params.io_threads / 2));
@@ -676,7 +678,8 @@ void engine::reset_stats() {
 // how a budget splits (pymoe info --expert-budget)
 //
 
-std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, uint64_t * planned_bytes) {
+std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, uint64_t * planned_bytes,
+                                    bool per_layer) {
     const gguf_info info = gguf_read_info(path, 0);
     std::string     arch;
     int64_t         n_layer = 0, n_expert = 0;
@@ -706,7 +709,7 @@ std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, u
     }
     expert_store store(path, (int32_t) n_layer, (int32_t) n_expert, false, 1);
     expert_cache cache(store.layers(), (int32_t) n_expert, budget, ggml_backend_cpu_buffer_type(),
-                       make_eviction_policy("lru"), {}, false);
+                       make_eviction_policy("lru"), {}, false, per_layer);
     std::vector<pool_plan> out;
     for (int32_t c = 0; c < cache.n_classes(); ++c) {
         const pool_class & pc = cache.cls(c);

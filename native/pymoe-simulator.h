@@ -24,7 +24,7 @@ struct sim_params {
     float            lo_threshold    = 0.0f;
     std::string      policy          = "lru";
     multidim_weights weights;
-    bool             per_layer       = false; // a pool per layer (else one shared by all layers)
+    bool             per_layer       = true;  // a pool per layer (else one shared by all layers)
     bool             assist          = true;
     cost_model       cost;                    // read_bw: the link; fast/slow_flops: device and CPU
     double           flops_per_token = 0;     // of one expert

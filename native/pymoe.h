@@ -131,6 +131,10 @@ struct offload_params {
     std::string         tier       = "disk";
     uint64_t            budget     = 0;      // bytes of fast memory for expert slots (all pools together)
     std::string         policy     = "lru";  // eviction: "lru", "lfu", "multidim", "static" (hot set from `profile`)
+    bool                per_layer  = true;   // a slot pool per layer (each keeps its share of the budget) or
+                                             // one per format shared by the layers: with a shared pool and
+                                             // fewer slots than one token's experts, LRU evicts what the
+                                             // next token wants first (layers run in order) and hits ~0
     double              w_recency   = 1.0;   // "multidim": weights of its score
     double              w_frequency = 1.0;
     double              w_precision = 1.0;
@@ -215,7 +219,8 @@ struct pool_plan {
     int32_t              n_experts  = 0;  // the pool's layers x experts per layer
 };
 
-std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, uint64_t * planned_bytes);
+std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, uint64_t * planned_bytes,
+                                    bool per_layer = true);
 
 //
 // model

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from .model import Model
-from .offload import DEFAULT_LO_THRESHOLD, OFFLOAD_MODES, POLICIES, TIERS
+from .offload import DEFAULT_LO_THRESHOLD, OFFLOAD_MODES, PARTITIONS, POLICIES, TIERS
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = False) -> None:
@@ -70,6 +70,12 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Fa
     )
     o.add_argument("--policy", choices=POLICIES, default="lru", help="cache eviction policy (default: %(default)s)")
     o.add_argument(
+        "--cache-partition",
+        choices=PARTITIONS,
+        default="layer",
+        help="layer: a slot pool per layer; shared: one pool all layers compete for (default: %(default)s)",
+    )
+    o.add_argument(
         "--offload-tier",
         choices=TIERS,
         default="auto",
@@ -99,7 +105,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Fa
         type=float,
         default=DEFAULT_LO_THRESHOLD,
         metavar="W",
-        help="a pair whose gate weight, relative to its token's top-k sum, is below W may run in low precision (default: %(default)s, see docs/quality.md)",
+        help="a pair whose gate weight, relative to its token's top-k sum, is below W may run in low precision "
+        "(default: %(default)s, see docs/quality.md)",
     )
     o.add_argument(
         "--prefetch",
@@ -145,6 +152,7 @@ def model_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
         "offload": args.offload,
         "expert_budget": budget_arg(args.expert_budget),
         "policy": args.policy,
+        "cache_partition": args.cache_partition,
         "offload_tier": args.offload_tier,
         "cpu_assist": not args.no_cpu_assist,
         "sidecar": args.sidecar,

@@ -30,6 +30,7 @@ class Model:
         offload: bool = False,
         expert_budget: int = 0,
         policy: str = "lru",
+        per_layer: bool = True,
         profile: list[float] = ...,
         direct_io: bool = True,
         io_threads: int = 4,
@@ -148,7 +149,7 @@ def relative_gate_weights(weights: npt.ArrayLike) -> npt.NDArray[np.float32]: ..
 def router_topk(
     w: npt.ArrayLike, x: npt.ArrayLike, k: int, gating: int = 1, bias: npt.ArrayLike | None = None
 ) -> list[tuple[int, float]]: ...
-def offload_plan(path: str, budget: int) -> dict[str, Any]: ...
+def offload_plan(path: str, budget: int, per_layer: bool = True) -> dict[str, Any]: ...
 
 class CacheSimulator:
     def __init__(
@@ -162,7 +163,7 @@ class CacheSimulator:
         lo_threshold: float = 0.0,
         policy: str = "lru",
         weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-        per_layer: bool = False,
+        per_layer: bool = True,
         assist: bool = True,
         link_bw: float = 0.0,
         direct_bw: float = 0.0,

@@ -10,7 +10,7 @@ import json
 from . import _core
 from ._args import budget_arg
 from .gguf_info import GGUFSummary, summarize
-from .offload import auto_budget, parse_budget
+from .offload import PARTITIONS, auto_budget, check_partition, parse_budget
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -24,6 +24,12 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         metavar="SIZE",
         help="show how this expert budget (6GiB, 0.5, 50%%, auto) would split over the slot pools",
     )
+    parser.add_argument(
+        "--cache-partition",
+        choices=PARTITIONS,
+        default="layer",
+        help="the split for --expert-budget: a pool per layer or one shared (default: %(default)s)",
+    )
     parser.add_argument("--verbose", action="store_true", help="full error tracebacks")
     return parser
 
@@ -36,14 +42,14 @@ def human(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def budget_split(s: GGUFSummary, budget_text: str) -> dict:
+def budget_split(s: GGUFSummary, budget_text: str, per_layer: bool = True) -> dict:
     """How a budget splits over the model's slot pools (the engine's own split, nothing allocated)."""
     if not s.is_moe:
         raise ValueError(f"'{s.path}' is a dense model: there are no experts to offload")
     budget = parse_budget(budget_arg(budget_text), s.expert_bytes)
     if budget is None:
         budget = auto_budget(s, 4096)
-    plan = _core.offload_plan(str(s.path), budget)
+    plan = _core.offload_plan(str(s.path), budget, per_layer=per_layer)
     slots = sum(p["n_slots"] for p in plan["pools"])
     experts = sum(p["n_experts"] for p in plan["pools"])
     return {
@@ -56,9 +62,25 @@ def budget_split(s: GGUFSummary, budget_text: str) -> dict:
     }
 
 
+def group_pools(pools: list[dict]) -> list[tuple[list[int], dict]]:
+    """Consecutive per-layer pools of the same size as one line: [(layers, a pool)]."""
+    out: list[tuple[list[int], dict]] = []
+    for p in pools:
+        prev = out[-1][1] if out else None
+        if (
+            prev is not None
+            and len(p["layers"]) == len(prev["layers"]) == 1
+            and all(p[k] == prev[k] for k in ("n_slots", "slot_bytes", "n_experts"))
+        ):
+            out[-1][0].extend(p["layers"])
+        else:
+            out.append((list(p["layers"]), p))
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     s = summarize(args.model)
-    split = budget_split(s, args.expert_budget) if args.expert_budget else None
+    split = budget_split(s, args.expert_budget, check_partition(args.cache_partition)) if args.expert_budget else None
     if args.json:
         d = s.as_dict()
         if args.tensors:
@@ -94,12 +116,12 @@ def main(args: argparse.Namespace) -> int:
             f"budget        {human(split['budget'])}: {split['slots']} of {split['experts']} experts "
             f"({split['share_cached']:.0%}) in slots, {human(split['allocated'])} allocated"
         )
-        for i, p in enumerate(split["pools"]):
-            layers = p["layers"]
+        for layers, p in group_pools(split["pools"]):
             span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+            each = " each" if len(layers) > 1 and len(p["layers"]) == 1 else ""
             print(
-                f"  pool {i}: layers {span}, {p['n_slots']} slots of {human(p['slot_bytes'])} "
-                f"({p['n_slots'] / p['n_experts']:.0%} of its {p['n_experts']} experts)"
+                f"  layers {span}: {p['n_slots']} slots{each} of {human(p['slot_bytes'])} "
+                f"({p['n_slots'] / p['n_experts']:.0%} of {p['n_experts']} experts)"
             )
     if args.tensors:
         print()

@@ -19,7 +19,14 @@ import numpy as np
 
 from . import _core
 from .gguf_info import GGUFSummary, check_gguf_path, summarize
-from .offload import DEFAULT_LO_THRESHOLD, OffloadConfig, resolve_sidecar, resolve_tier, summarize_stats
+from .offload import (
+    DEFAULT_LO_THRESHOLD,
+    OffloadConfig,
+    check_partition,
+    resolve_sidecar,
+    resolve_tier,
+    summarize_stats,
+)
 
 Message = dict[str, str]
 Tokens = Sequence[int] | np.ndarray  # token ids: a list or a 1-D integer array
@@ -119,7 +126,12 @@ class Model:
     expert_budget: fast memory for expert slots: bytes ("6GiB", an int), a
         share of the model's expert bytes (0.5, "50%"), or "auto" (what is
         free after the rest of the model and the KV cache).
-    policy: cache eviction, "lru", "lfu" or "static" (needs `profile`).
+    policy: cache eviction, "lru", "lfu", "multidim" or "static" (needs
+        `profile`).
+    cache_partition: "layer" (a slot pool per layer, each with its share of
+        the budget; the default) or "shared" (one pool per tensor format that
+        all layers compete for; LRU then thrashes once the budget holds fewer
+        experts than one token uses).
     profile: per-expert usage [n_layer, n_expert] for the static hot set
         (e.g. ``offload_stats(raw=True)["expert_pairs"]`` of an earlier run).
     offload_tier: "disk" (experts stay in the file, read on demand: the
@@ -162,6 +174,7 @@ class Model:
         offload: str = "auto",
         expert_budget: str | float | int | None = "auto",
         policy: str = "lru",
+        cache_partition: str = "layer",
         profile: Any = None,
         offload_tier: str = "auto",
         cpu_assist: bool = True,
@@ -188,6 +201,7 @@ class Model:
             n_ctx=n_ctx or min(int(ctx_train) if isinstance(ctx_train, int) else 4096, 4096),
         )
         profile_list = np.asarray(profile, dtype=np.float64).ravel().tolist() if profile is not None else []
+        self._cache_partition = cache_partition
         self.sidecar = resolve_sidecar(self.path, sidecar) if self.offload.enabled else None
         if replay is not None:
             if not self.offload.enabled:
@@ -213,6 +227,7 @@ class Model:
             offload=self.offload.enabled,
             expert_budget=self.offload.budget,
             policy=self.offload.policy,
+            per_layer=check_partition(cache_partition),
             profile=profile_list,
             direct_io=direct_io,
             offload_tier=resolve_tier(offload_tier),
@@ -295,6 +310,7 @@ class Model:
                     "enabled": self.offload.enabled,
                     "budget": self.offload.budget,
                     "policy": self.offload.policy,
+                    "cache_partition": self._cache_partition,
                     "reason": self.offload.reason,
                 },
             }

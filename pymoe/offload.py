@@ -18,6 +18,17 @@ from .gguf_info import GGUFSummary
 
 OFFLOAD_MODES = ("auto", "on", "off")
 POLICIES = tuple(_core.policy_names())
+# the expert cache's slot pools: one per layer, or one per tensor format shared
+# by the layers (see docs/design.md, "Slot pools per layer")
+PARTITIONS = ("layer", "shared")
+
+
+def check_partition(partition: str) -> bool:
+    """True for per-layer pools; a clear error for an unknown name."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"unknown cache partition '{partition}'; hint: one of {', '.join(PARTITIONS)}")
+    return partition == "layer"
+
 
 _UNITS = {
     "": 1,

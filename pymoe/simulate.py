@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _core
-from .offload import DEFAULT_LO_THRESHOLD, parse_budget
+from .offload import DEFAULT_LO_THRESHOLD, PARTITIONS, check_partition, parse_budget
 from .traces import load_trace
 
 LO_BITS = {"q2_K": 2.625, "q3_K": 3.4375, "q4_0": 4.5, "q4_K": 4.5, "q8_0": 8.5}
@@ -72,7 +72,13 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         help="slots for this share of all experts (0.25), or bytes (6GiB) (default: %(default)s)",
     )
     parser.add_argument("--policy", choices=sorted(_core.policy_names()), default="lru")
-    parser.add_argument("--per-layer", action="store_true", help="one pool per layer instead of one shared pool")
+    parser.add_argument(
+        "--cache-partition",
+        choices=PARTITIONS,
+        default="layer",
+        help="layer: a slot pool per layer (as the engine by default); shared: one pool for all layers "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--lo-type",
         choices=sorted(LO_BITS),
@@ -131,7 +137,8 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     per_byte = flops / hi
     sim = _core.CacheSimulator(
         n_layer, trace.n_expert, hi, expert_bytes_lo=lo, budget=budget, lo_share=args.lo_share,
-        lo_threshold=args.lo_threshold if lo else 0.0, policy=args.policy, per_layer=args.per_layer,
+        lo_threshold=args.lo_threshold if lo else 0.0, policy=args.policy,
+        per_layer=check_partition(args.cache_partition),
         assist=not args.no_cpu_assist, link_bw=args.link_gbps * 1e9, direct_bw=0.0,
         fast_flops=args.device_gbps * 1e9 * per_byte, slow_flops=args.cpu_gbps * 1e9 * per_byte,
         flops_per_token=flops, layer_seconds=args.layer_ms / 1e3,
