@@ -14,7 +14,9 @@ like tg128) tokens/s of:
   (e) pymoe as (c) but with the model's own (random) router, as llama-bench routes;
 
 then, with --sweep, pymoe's decode under the same limit for several budgets
-and policies. Every run is a fresh process placed into its own memory cgroup
+and policies, and with --ablation, with each technique on and off (CPU
+assist, the multidim policy, low-precision copies, prefetching). Every run
+is a fresh process placed into its own memory cgroup
 (/sys/fs/cgroup/memory/pymoe_bench_*) before it opens the model, after the
 model file has been evicted from the page cache. Reported per run: tokens/s,
 hit rate, bytes read from disk per token (the process's read_bytes over the
@@ -290,6 +292,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     kw: dict[str, Any] = {"n_ctx": spec["n_ctx"], "n_threads": spec["threads"], "n_batch": 512, "n_ubatch": 512}
     if spec["offload"]:
         kw.update(offload="on", expert_budget=spec["budget"], policy=spec["policy"], offload_tier="disk")
+        kw.update(spec.get("engine") or {})  # the ablation's switches: sidecar, prefetch, cpu_assist
         if spec.get("replay"):
             s = pymoe.summarize(spec["model"])
             kw["replay"] = load_trace(spec["replay"]).fit(s.n_layer, s.n_expert, s.n_expert_used)
@@ -440,6 +443,7 @@ class Bench:
         budget: int | str | None = None,
         policy: str = "lru",
         replay: bool = True,
+        engine: dict[str, Any] | None = None,
     ) -> RunResult:
         a = self.args
         spec = {
@@ -453,12 +457,14 @@ class Bench:
             "budget": budget,
             "policy": policy,
             "replay": str(a.trace) if (offload and replay) else None,
+            "engine": engine or {},
         }
         argv = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         command = "pymoe.Model(" + ", ".join(
             [f"offload={'on' if offload else 'off'}"]
             + ([f"expert_budget={budget}", f"policy={policy}", "offload_tier=disk"] if offload else [])
             + (["replay=<mixtral decode trace>"] if spec["replay"] else [])
+            + [f"{k}={Path(v).name if k == 'sidecar' else v}" for k, v in (engine or {}).items()]
             + [f"n_threads={a.threads}"]
         )
         command += f") {mode}{tokens} x{reps}"
@@ -487,10 +493,13 @@ class Bench:
         st = w["offload"]
         if st:
             res.hit_rate = st["hit_rate"]
-            res.engine_bytes_per_token = (st["bytes_loaded"] + st["bytes_direct"]) / w["measured_tokens"]
+            moved = st["bytes_loaded"] + st["bytes_direct"] + st.get("bytes_loaded_lo", 0) + st.get("prefetch_bytes", 0)
+            res.engine_bytes_per_token = moved / w["measured_tokens"]
             keys = ("hits", "misses", "loads", "direct", "bytes_loaded", "bytes_direct", "load_seconds", "plan_seconds")
-            keys += ("n_slots", "read_bandwidth", "evictions")
-            res.extra["engine"] = {k: st[k] for k in keys}
+            keys += ("n_slots", "read_bandwidth", "evictions", "hits_lo", "loads_lo", "bytes_loaded_lo")
+            keys += ("lo_share_of_pairs", "upgrades", "prefetch_bytes", "prefetch_precision", "prefetch_recall")
+            keys += ("prefetch_wait_seconds", "prefetch_busy_seconds")
+            res.extra["engine"] = {k: st[k] for k in keys if k in st}
         res.extra["load_seconds"] = w["load_seconds"]
         res.extra["cpu_util_measured"] = w["cpu_util_measured"]
         res.extra["read_bytes_load"] = w["read_bytes_load"]
@@ -591,6 +600,30 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['peak_memory'] / MiB:.0f} | "
             f"{_fmt(x.get('others_cpu'), '.0%')} |"
         )
+    ablation_rows = [r for r in report["results"] if r["config"] == "x"]
+    if ablation_rows:
+        lines += [
+            "",
+            "| ablation (decode under the limit) | tok/s | hit rate | engine MiB/token | low-precision pairs | "
+            "prefetch precision / recall | prefetch wait ms/token | others' CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in ablation_rows:
+            if r["error"]:
+                lines.append(f"| {r['what']} | {r['error'][:60]} | | | | | | |")
+                continue
+            e = r["extra"].get("engine", {})
+            n = r["tokens"]
+            pf = "-"
+            if e.get("prefetch_precision") is not None and (e.get("prefetch_bytes") or 0) > 0:
+                pf = f"{e['prefetch_precision']:.2f} / {e['prefetch_recall']:.2f}"
+            wait = _fmt(e["prefetch_wait_seconds"] / n * 1e3, ".1f") if e.get("prefetch_bytes") else "-"
+            lines.append(
+                f"| {r['what'].removeprefix('ablation: ')} | {r['tokens_per_second']:.2f} | "
+                f"{_fmt(r['hit_rate'], '.2f')} | {_fmt(r['engine_bytes_per_token'] / MiB, '.1f')} | "
+                f"{_fmt(e.get('lo_share_of_pairs'), '.0%')} | {pf} | {wait} | "
+                f"{_fmt(r['extra'].get('others_cpu'), '.0%')} |"
+            )
     return "\n".join(lines)
 
 
@@ -623,6 +656,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep-budgets", default="0,64MiB,128MiB,192MiB,256MiB,320MiB,auto")
     ap.add_argument("--sweep-policies", default="lru,lfu")
     ap.add_argument("--sweep-tokens", type=int, default=64)
+    ap.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also decode under the limit with each technique on and off: CPU assist (Fiddler), the multidim\n"
+        "policy, low-precision copies (a --lo-type sidecar, built here), prefetching",
+    )
+    ap.add_argument("--lo-type", default="q2_K", help="the ablation's sidecar type (default: %(default)s)")
     ap.add_argument("--run-timeout", type=float, default=240.0, help="seconds per run")
     ap.add_argument("--max-minutes", type=float, default=20.0, help="runs left when this is spent are skipped")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="wait up to this long for a quiet CPU per run")
@@ -753,6 +793,8 @@ def run(args: argparse.Namespace, model: Path, pymoe: Any, kv_cache_bytes: Any) 
                 bb: int | str = b if b == "auto" else parse_size(b)
                 what = f"pymoe {policy} budget {b}"
                 bench.run(pm, "s", what, "tg", limit, args.sweep_tokens, 1, budget=bb, policy=policy)
+    if args.ablation:
+        ablation(args, bench, model, limit, budget)
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     bench.head["disk_bandwidth_end"] = disk_bandwidth(model)
     print(
@@ -763,6 +805,65 @@ def run(args: argparse.Namespace, model: Path, pymoe: Any, kv_cache_bytes: Any) 
     if args.json:
         print(f"wrote {args.json}")
     return 0
+
+
+ABLATION = [
+    # (label, policy, replay, engine switches); replayed rows show what the cache
+    # and precision techniques do on a real access pattern; the predictor needs
+    # the model's own router (a replayed choice cannot be predicted), so
+    # prefetching is measured without replay, beside its own baseline
+    ("lru", "lru", True, {}),
+    ("lru, no CPU assist", "lru", True, {"cpu_assist": False}),
+    ("multidim", "multidim", True, {}),
+    ("lru + low precision", "lru", True, {"sidecar": "LO"}),
+    ("multidim + low precision", "multidim", True, {"sidecar": "LO"}),
+    ("lru, own router", "lru", False, {}),
+    ("lru + prefetch, own router", "lru", False, {"prefetch": True}),
+    ("multidim + low precision + prefetch, own router", "multidim", False, {"sidecar": "LO", "prefetch": True}),
+]
+
+
+def ablation(args: argparse.Namespace, bench: Bench, model: Path, limit: int, budget: int) -> None:
+    sidecar = model.with_name(model.stem + f".{args.lo_type}.lo.gguf")
+    if not sidecar.is_file():
+        print(f"\nablation: writing the {args.lo_type} sidecar {sidecar.name} ...", flush=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pymoe",
+                "convert",
+                str(model),
+                "--lo-type",
+                args.lo_type,
+                "--sidecar",
+                str(sidecar),
+            ],
+            check=True,
+            cwd=TOOLS,  # not the checkout root: `-m pymoe` would find the source tree first
+        )
+    bench.head["ablation_sidecar"] = {"path": str(sidecar), "bytes": sidecar.stat().st_size, "type": args.lo_type}
+    print("\nablation: decode under the limit, budget as (c)", flush=True)
+    print(HEADER, flush=True)
+    try:
+        for label, policy, replay, switches in ABLATION:
+            engine = {k: (str(sidecar) if v == "LO" else v) for k, v in switches.items()}
+            bench.run(
+                bench.pymoe,
+                "x",
+                f"ablation: {label}",
+                "tg",
+                limit,
+                args.sweep_tokens,
+                1,
+                budget=budget,
+                policy=policy,
+                replay=replay,
+                engine=engine,
+            )
+    finally:
+        if not args.keep:
+            sidecar.unlink(missing_ok=True)
 
 
 def _cpu_name() -> str:
