@@ -388,7 +388,8 @@ PYBIND11_MODULE(_core, mod) {
                          const std::string & policy, bool per_layer, const std::vector<double> & profile,
                          bool direct_io,
                          int32_t io_threads, const std::string & offload_tier, bool cpu_assist,
-                         const std::vector<int32_t> & replay, const std::string & lo_path, double lo_share,
+                         const std::vector<int32_t> & replay, const std::vector<float> & replay_weights,
+                         const std::string & lo_path, double lo_share,
                          float lo_threshold, bool prefetch, int32_t prefetch_depth, int32_t prefetch_max_tokens,
                          const std::tuple<double, double, double> & multidim) {
                  pymoe::model_params p;
@@ -413,6 +414,7 @@ PYBIND11_MODULE(_core, mod) {
                  p.offload.tier       = offload_tier;
                  p.offload.cpu_assist = cpu_assist;
                  p.offload.replay     = replay;
+                 p.offload.replay_weights = replay_weights;
                  p.offload.lo_path             = lo_path;
                  p.offload.lo_share            = lo_share;
                  p.offload.lo_threshold        = lo_threshold;
@@ -430,7 +432,8 @@ PYBIND11_MODULE(_core, mod) {
              py::arg("per_layer") = true, py::arg("profile") = std::vector<double>(), py::arg("direct_io") = true,
              py::arg("io_threads") = 4,
              py::arg("offload_tier") = "disk", py::arg("cpu_assist") = true,
-             py::arg("replay") = std::vector<int32_t>(), py::arg("lo_path") = "", py::arg("lo_share") = 0.25,
+             py::arg("replay") = std::vector<int32_t>(), py::arg("replay_weights") = std::vector<float>(),
+             py::arg("lo_path") = "", py::arg("lo_share") = 0.25,
              py::arg("lo_threshold") = 0.0f, py::arg("prefetch") = false, py::arg("prefetch_depth") = 1,
              py::arg("prefetch_max_tokens") = 4, py::arg("multidim") = std::make_tuple(1.0, 1.0, 1.0))
         .def("close", &py_model::close)

@@ -157,6 +157,9 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
                                             " of a model with " + std::to_string(n_expert));
             }
         }
+        if (!params.replay_weights.empty() && params.replay_weights.size() != params.replay.size()) {
+            throw std::invalid_argument("the replay trace's weights and experts differ in shape");
+        }
         replay_cursor_.assign((size_t) n_layer, 0);
     }
     route_.assign((size_t) n_layer, layer_route_tensors{});
@@ -349,19 +352,24 @@ void engine::on_route(int32_t il) {
     try {
         read_ids(rt.selected, sel_);
         read_weights(rt.weights, w_);
-        relative_gate_weights(w_.data(), n_tokens, n_used);
         if (!replay_cursor_.empty()) {
             // benchmark mode: the trace's experts replace the router's choice
+            // (and, when it has them, its gate weights what the planner weighs)
             const uint64_t rows = params_.replay.size() / ((size_t) n_layer_ * (size_t) n_used);
+            const bool     with_weights = !params_.replay_weights.empty();
             for (int64_t t = 0; t < n_tokens; ++t) {
                 const uint64_t row = (replay_cursor_[il] + (uint64_t) t) % rows;
                 for (int64_t i = 0; i < n_used; ++i) {
-                    sel_[(size_t) (t * n_used + i)] =
-                        params_.replay[(row * (uint64_t) n_layer_ + (uint64_t) il) * (uint64_t) n_used + (uint64_t) i];
+                    const uint64_t at = (row * (uint64_t) n_layer_ + (uint64_t) il) * (uint64_t) n_used + (uint64_t) i;
+                    sel_[(size_t) (t * n_used + i)] = params_.replay[at];
+                    if (with_weights) {
+                        w_[(size_t) (t * n_used + i)] = params_.replay_weights[at];
+                    }
                 }
             }
             replay_cursor_[il] += (uint64_t) n_tokens;
         }
+        relative_gate_weights(w_.data(), n_tokens, n_used);
         plan_step(il, n_used, n_tokens, step, ls, load_seconds);
         if (loader_) {
             prefetch_after(il, n_tokens, step, ls);

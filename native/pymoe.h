@@ -161,6 +161,7 @@ struct offload_params {
     // weights sees a real model's access pattern. [rows, n_layer, n_expert_used],
     // row-major; replayed in order, wrapping around.
     std::vector<int32_t> replay;
+    std::vector<float>   replay_weights;  // the trace's gate weights, same shape (empty: the router's)
 };
 
 struct layer_stats {

@@ -37,6 +37,7 @@ class Model:
         offload_tier: str = "disk",
         cpu_assist: bool = True,
         replay: list[int] = ...,
+        replay_weights: list[float] = ...,
         lo_path: str = "",
         lo_share: float = 0.25,
         lo_threshold: float = 0.0,

@@ -143,7 +143,10 @@ class Model:
     replay: BENCHMARK MODE, never for real use: expert ids [rows, n_layer,
         n_expert_used] (e.g. ``pymoe.traces.load_trace(f).fit(...)``) that
         replace the router's choices, so that a model with random weights
-        sees a real model's access pattern. The outputs are meaningless.
+        sees a real model's access pattern; or a pair (ids, gate weights) of
+        that shape (``Trace.fit_routes(...)``), whose weights then replace the
+        router's in the planner's decisions (mixed precision). The outputs are
+        meaningless.
     sidecar: the low-precision copy of the experts (`pymoe convert` writes
         MODEL.lo.gguf; "auto" uses that file when it exists). With it,
         `lo_share` of the budget holds low-precision slots and a pair whose
@@ -206,12 +209,20 @@ class Model:
         if replay is not None:
             if not self.offload.enabled:
                 raise ValueError("replaying a routing trace needs the offload engine: pass offload='on'")
-            replay = np.asarray(replay, dtype=np.int32)
+            if isinstance(replay, tuple):
+                replay, replay_weights = np.asarray(replay[0], dtype=np.int32), np.asarray(replay[1], np.float32)
+            else:
+                replay, replay_weights = np.asarray(replay, dtype=np.int32), None
             want = (self._summary.n_layer, self._summary.n_expert_used)
             if replay.ndim != 3 or replay.shape[1:] != want:
                 raise ValueError(
                     f"the replay trace has shape {replay.shape}; this model needs [rows, {want[0]}, {want[1]}]; "
                     "hint: Trace.fit(n_layer, n_expert, k) builds one"
+                )
+            if replay_weights is not None and replay_weights.shape != replay.shape:
+                raise ValueError(
+                    f"the replay trace's weights have shape {replay_weights.shape}, its experts {replay.shape}; "
+                    "hint: Trace.fit_routes(n_layer, n_expert, k) builds both"
                 )
         self._native = _core.Model(
             str(self.path),
@@ -232,7 +243,8 @@ class Model:
             direct_io=direct_io,
             offload_tier=resolve_tier(offload_tier),
             cpu_assist=cpu_assist,
-            replay=np.asarray(replay, dtype=np.int32).ravel().tolist() if replay is not None else [],
+            replay=replay.ravel().tolist() if replay is not None else [],
+            replay_weights=replay_weights.ravel().tolist() if replay is not None and replay_weights is not None else [],
             lo_path=str(self.sidecar or ""),
             lo_share=lo_share,
             lo_threshold=lo_threshold,

@@ -135,11 +135,13 @@ def kv_cache_bytes(summary: GGUFSummary, n_ctx: int, bytes_per_value: float = 2.
 
 def auto_budget(summary: GGUFSummary, n_ctx: int) -> int:
     """What is left of the available memory for expert slots after the rest
-    of the model, the KV cache and a reserve for compute buffers (1/8 of the
-    rest, at least 256 MiB)."""
+    of the model, the KV cache and a reserve for compute buffers and the
+    engine's read buffers (1/8 of the rest, at least 128 MiB: under a 576 MiB
+    cgroup limit a 1.2 GiB model with a 330 MiB budget peaked at 494 MiB, page
+    cache included; docs/benchmarks.md)."""
     other = summary.other_bytes + kv_cache_bytes(summary, n_ctx)
     free = available_memory() - other
-    reserve = max(256 << 20, free // 8)
+    reserve = max(128 << 20, free // 8)
     return max(0, free - reserve)
 
 

@@ -54,13 +54,17 @@ class Trace:
         model with fewer logged layers repeats them); the expert count and k
         must match the trace: a model with another routing shape would see an
         access pattern that no real model produced."""
+        return self.fit_routes(n_layer, n_expert, k)[0]
+
+    def fit_routes(self, n_layer: int, n_expert: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Expert ids and their gate weights, both [n_tokens, n_layer, k], mapped as `fit` maps them."""
         if n_expert != self.n_expert or k != self.k:
             raise ValueError(
                 f"trace {self.name} routes top-{self.k} of {self.n_expert} experts; the model top-{k} of {n_expert}. "
                 "hint: replay it on a model of the same routing shape"
             )
         cols = [min(len(self.layers) - 1, (il * len(self.layers)) // n_layer) for il in range(n_layer)]
-        return np.ascontiguousarray(self.experts[:, cols, :])
+        return np.ascontiguousarray(self.experts[:, cols, :]), np.ascontiguousarray(self.weights[:, cols, :])
 
 
 def _load_per_token_layer(path: Path) -> Trace:

@@ -210,3 +210,19 @@ def test_cli_mixed_precision_and_prefetch_flags(mixtral_with_sidecar, tmp_path):
         str(tmp_path / "missing.gguf"),
     )
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+def test_replayed_weights_drive_the_precision(mixtral_with_sidecar):
+    """Benchmark mode with a trace's gate weights: the planner weighs those,
+    not the random router's (relative to the token's top-k sum)."""
+    main, side, _ = mixtral_with_sidecar
+    with Model(main, offload="off") as m:
+        n_layer, tokens = m.info()["n_layer"], _tokens(m)
+    ids = np.tile(np.array([0, 1], np.int32), (len(tokens), n_layer, 1))
+    shares = []
+    for second in (0.5, 0.1):  # relative weight of the second expert: above, then below the threshold
+        w = np.tile(np.array([1.0 - second, second], np.float32), (len(tokens), n_layer, 1))
+        with Model(main, offload="on", expert_budget=0.5, sidecar=side, lo_threshold=0.2, replay=(ids, w)) as m:
+            m.logits(tokens)
+            shares.append(m.offload_stats()["lo_share_of_pairs"])
+    assert shares == [0.0, 0.5]

@@ -352,6 +352,8 @@ def test_replay_mode_routes_by_the_trace(tiny):
     np.testing.assert_array_equal(pairs, expected)
     with pytest.raises(ValueError, match="offload"):
         Model(path, offload="off", replay=ids)
+    with pytest.raises(ValueError, match="weights"):
+        Model(path, offload="on", expert_budget=0.5, replay=(ids, np.ones((20, 4, 1), np.float32)))
     with pytest.raises(ValueError, match="replay trace"):
         Model(path, offload="on", expert_budget=0.5, replay=ids[:, :3])
 

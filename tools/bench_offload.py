@@ -295,7 +295,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         kw.update(spec.get("engine") or {})  # the ablation's switches: sidecar, prefetch, cpu_assist
         if spec.get("replay"):
             s = pymoe.summarize(spec["model"])
-            kw["replay"] = load_trace(spec["replay"]).fit(s.n_layer, s.n_expert, s.n_expert_used)
+            # the trace's gate weights too: the planner's mixed-precision choices follow a real router's
+            kw["replay"] = load_trace(spec["replay"]).fit_routes(s.n_layer, s.n_expert, s.n_expert_used)
     else:
         kw["offload"] = "off"
     m = pymoe.Model(spec["model"], **kw)
