@@ -502,7 +502,6 @@ def expected_shares(ckpt: Path, seqs: list[np.ndarray], thresholds: list[float])
     model.eval()
     cfg = model.config
     k = int(cfg.num_experts_per_tok)
-    norm = bool(getattr(cfg, "norm_topk_prob", True))  # Mixtral always normalises
     weights = []
     with torch.no_grad():
         for s in seqs:
@@ -510,7 +509,8 @@ def expected_shares(ckpt: Path, seqs: list[np.ndarray], thresholds: list[float])
             for logits in out.router_logits:
                 p = torch.softmax(logits.float(), dim=-1)
                 top = torch.topk(p, k, dim=-1).values
-                weights.append((top / top.sum(-1, keepdim=True) if norm else top).numpy().ravel())
+                # the engine weighs each pair relative to its token's top-k sum, normalised or not
+                weights.append((top / top.sum(-1, keepdim=True)).numpy().ravel())
     w = np.concatenate(weights)
     return {t: float((w < t).mean()) for t in thresholds}
 
