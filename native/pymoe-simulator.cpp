@@ -62,9 +62,9 @@ void cache_simulator::step(int32_t il, const int32_t * experts, const float * we
     }
     const uint64_t step = ++step_;
     const float    thr  = cache_lo_ ? p_.lo_threshold : 0.0f;
-    std::vector<float> rel(weights, weights + n_tokens * n_used);  // as the engine compares them
-    relative_gate_weights(rel.data(), n_tokens, n_used);
-    weights = rel.data();
+    rel_.assign(weights, weights + n_tokens * n_used);  // as the engine compares them
+    relative_gate_weights(rel_.data(), n_tokens, n_used);
+    weights = rel_.data();
     // the distinct experts of the step, as the engine groups them
     std::map<int32_t, planned_expert> by_expert;
     std::map<int32_t, uint64_t>       hi_pairs;

@@ -59,6 +59,7 @@ class cache_simulator {
     sim_result                    result_;
     reuse_estimator               reuse_;
     uint64_t                      step_ = 0;
+    std::vector<float>            rel_;  // the step's weights relative to each token's top-k sum
 };
 
 }  // namespace pymoe
