@@ -4,7 +4,7 @@ share of pairs computed where the weights live, and peak memory.
 
 Each configuration runs in a fresh process (so its peak memory is its own).
 Prefill is one --prompt-tokens batch of random token ids from an empty
-cache (like llama-bench's pp); decode is --gen-tokens single-token steps
+KV cache, after one untimed warm-up run (like llama-bench's pp); decode is --gen-tokens single-token steps
 (greedy, EOS ignored; like llama-bench's tg). --vs-llama-cpp runs the pinned
 llama.cpp's own llama-bench (tools/build_llama_tools.sh builds it) on the
 same file and prints pymoe's speed relative to it."""
@@ -45,6 +45,12 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     )
     parser.add_argument("-p", "--prompt-tokens", type=int, default=512, metavar="N", help="prefill length (512)")
     parser.add_argument("-n", "--gen-tokens", type=int, default=128, metavar="N", help="decode steps (128)")
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="time the first run too (by default an untimed prefill runs first, as in llama-bench)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
@@ -82,6 +88,12 @@ def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
         load_seconds = time.perf_counter() - t_load
         rng = np.random.default_rng(args.seed)
         prompt = rng.integers(0, m.n_vocab, args.prompt_tokens).tolist()
+        if args.warmup:
+            # as llama-bench does: one untimed run first (the file's pages mapped in, the
+            # expert cache filled), then the counters start from zero
+            m.next_token_logits(prompt)
+            m.reset()
+            m.reset_stats()
         t0 = time.perf_counter()
         logits = m.next_token_logits(prompt)
         pp_seconds = time.perf_counter() - t0
