@@ -66,10 +66,11 @@ model::model(const model_params & params) : params_(params) {
     const bool offload_disk = params.offload.enabled && params.offload.tier == "disk";
     const bool offload_host = params.offload.enabled && params.offload.tier == "host";
     mp.lazy_experts         = offload_disk;
-    // no repacking with the engine: a CPU buffer-type override of the experts
-    // would be upgraded to CPU_REPACK, whose bytes are not the file's layout
-    // that slots copy (and repacked kernels sum in another order)
-    mp.use_extra_bufts = params.repack && !params.offload.enabled;
+    // host tier: no repacking, since llama.cpp upgrades a CPU buffer-type
+    // override of the experts to CPU_REPACK, whose bytes are not the file's
+    // layout that slots copy. Disk tier: the experts are mapped lazily, never
+    // repacked, so the other weights may be (faster kernels for them)
+    mp.use_extra_bufts = params.repack && !offload_host;
     const llama_model_tensor_buft_override host_experts[] = {
         { "\\.ffn_(gate|up|down|gate_up)_(ch)?exps\\.weight$", ggml_backend_cpu_buffer_type() },
         { nullptr, nullptr },

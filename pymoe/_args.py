@@ -45,7 +45,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Fa
     g.add_argument(
         "--no-repack",
         action="store_true",
-        help="keep llama.cpp from repacking weights for its CPU kernels (always off while offloading)",
+        help="keep llama.cpp from repacking weights for its CPU kernels (offloaded experts never are)",
     )
     g.add_argument(
         "--cache-type",

@@ -116,9 +116,10 @@ class Model:
     n_gpu_layers: layers on the GPU when built with one (-1: all).
     use_mmap: map the file instead of reading it into memory.
     repack: let llama.cpp repack weights into the layouts of its faster CPU
-        kernels (q4_0, q4_K, iq4_nl ... on x86 and ARM). Always off while the
-        offload engine runs (its slots are byte copies of the file's layout);
-        pass False for a reference that sums exactly as the engine does.
+        kernels (q4_0, q4_K, iq4_nl ... on x86 and ARM). The offload engine's
+        experts are never repacked (its slots are byte copies of the file's
+        layout); in the host tier nothing is. Pass False for a reference that
+        sums exactly as the engine does.
     flash_attn: use flash attention.
     cache_type: KV cache element type ("f16", "f32", "q8_0" ...).
     offload: the expert-offload engine: "auto" (on for a MoE model whose
