@@ -381,61 +381,48 @@ PYBIND11_MODULE(_core, mod) {
                             py::arg("n_slots_lo") = r.n_slots_lo);
         });
 
+    // --- settings: the C++ structs, bound once; their defaults are the only ones (pymoe.Settings reads them)
+    py::class_<pymoe::offload_params>(mod, "OffloadParams", "The expert-offload engine's settings (pymoe.h).")
+        .def(py::init<>())
+        .def_readwrite("enabled", &pymoe::offload_params::enabled)
+        .def_readwrite("tier", &pymoe::offload_params::tier)
+        .def_readwrite("budget", &pymoe::offload_params::budget)
+        .def_readwrite("policy", &pymoe::offload_params::policy)
+        .def_readwrite("per_layer", &pymoe::offload_params::per_layer)
+        .def_readwrite("w_recency", &pymoe::offload_params::w_recency)
+        .def_readwrite("w_frequency", &pymoe::offload_params::w_frequency)
+        .def_readwrite("w_precision", &pymoe::offload_params::w_precision)
+        .def_readwrite("profile", &pymoe::offload_params::profile)
+        .def_readwrite("cpu_assist", &pymoe::offload_params::cpu_assist)
+        .def_readwrite("direct_io", &pymoe::offload_params::direct_io)
+        .def_readwrite("io_threads", &pymoe::offload_params::io_threads)
+        .def_readwrite("lo_path", &pymoe::offload_params::lo_path)
+        .def_readwrite("lo_share", &pymoe::offload_params::lo_share)
+        .def_readwrite("lo_threshold", &pymoe::offload_params::lo_threshold)
+        .def_readwrite("prefetch", &pymoe::offload_params::prefetch)
+        .def_readwrite("prefetch_depth", &pymoe::offload_params::prefetch_depth)
+        .def_readwrite("prefetch_max_tokens", &pymoe::offload_params::prefetch_max_tokens)
+        .def_readwrite("replay", &pymoe::offload_params::replay)
+        .def_readwrite("replay_weights", &pymoe::offload_params::replay_weights);
+    py::class_<pymoe::model_params>(mod, "ModelParams", "How a model is loaded (pymoe.h).")
+        .def(py::init<>())
+        .def_readwrite("path", &pymoe::model_params::path)
+        .def_readwrite("n_ctx", &pymoe::model_params::n_ctx)
+        .def_readwrite("n_batch", &pymoe::model_params::n_batch)
+        .def_readwrite("n_ubatch", &pymoe::model_params::n_ubatch)
+        .def_readwrite("n_seq_max", &pymoe::model_params::n_seq_max)
+        .def_readwrite("n_threads", &pymoe::model_params::n_threads)
+        .def_readwrite("n_gpu_layers", &pymoe::model_params::n_gpu_layers)
+        .def_readwrite("use_mmap", &pymoe::model_params::use_mmap)
+        .def_readwrite("flash_attn", &pymoe::model_params::flash_attn)
+        .def_readwrite("repack", &pymoe::model_params::repack)
+        .def_readwrite("cache_type", &pymoe::model_params::cache_type)
+        .def_readwrite("offload", &pymoe::model_params::offload);
+    mod.def("default_n_ctx", &pymoe::default_n_ctx, py::arg("n_ctx_train"),
+            "The context length a model gets when none is asked for.");
+
     py::class_<py_model>(mod, "Model")
-        .def(py::init([](const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_ubatch, int32_t n_seq_max,
-                         int32_t n_threads, int32_t n_gpu_layers, bool use_mmap, bool repack, bool flash_attn,
-                         const std::string & cache_type, bool offload, uint64_t expert_budget,
-                         const std::string & policy, bool per_layer, const std::vector<double> & profile,
-                         bool direct_io,
-                         int32_t io_threads, const std::string & offload_tier, bool cpu_assist,
-                         const std::vector<int32_t> & replay, const std::vector<float> & replay_weights,
-                         const std::string & lo_path, double lo_share,
-                         float lo_threshold, bool prefetch, int32_t prefetch_depth, int32_t prefetch_max_tokens,
-                         const std::tuple<double, double, double> & multidim) {
-                 pymoe::model_params p;
-                 p.path         = path;
-                 p.n_ctx        = n_ctx;
-                 p.n_batch      = n_batch;
-                 p.n_ubatch     = n_ubatch;
-                 p.n_seq_max    = n_seq_max;
-                 p.n_threads    = n_threads;
-                 p.n_gpu_layers = n_gpu_layers;
-                 p.use_mmap     = use_mmap;
-                 p.repack       = repack;
-                 p.flash_attn   = flash_attn;
-                 p.cache_type   = cache_type;
-                 p.offload.enabled    = offload;
-                 p.offload.budget     = expert_budget;
-                 p.offload.policy     = policy;
-                 p.offload.per_layer  = per_layer;
-                 p.offload.profile    = profile;
-                 p.offload.direct_io  = direct_io;
-                 p.offload.io_threads = io_threads;
-                 p.offload.tier       = offload_tier;
-                 p.offload.cpu_assist = cpu_assist;
-                 p.offload.replay     = replay;
-                 p.offload.replay_weights = replay_weights;
-                 p.offload.lo_path             = lo_path;
-                 p.offload.lo_share            = lo_share;
-                 p.offload.lo_threshold        = lo_threshold;
-                 p.offload.prefetch            = prefetch;
-                 p.offload.prefetch_depth      = prefetch_depth;
-                 p.offload.prefetch_max_tokens = prefetch_max_tokens;
-                 std::tie(p.offload.w_recency, p.offload.w_frequency, p.offload.w_precision) = multidim;
-                 return std::make_unique<py_model>(p);
-             }),
-             py::arg("path"), py::arg("n_ctx") = 0, py::arg("n_batch") = 512, py::arg("n_ubatch") = 512,
-             py::arg("n_seq_max") = 1, py::arg("n_threads") = 0, py::arg("n_gpu_layers") = -1,
-             py::arg("use_mmap") = true, py::arg("repack") = true, py::arg("flash_attn") = false,
-             py::arg("cache_type") = "f16",
-             py::arg("offload") = false, py::arg("expert_budget") = 0, py::arg("policy") = "lru",
-             py::arg("per_layer") = true, py::arg("profile") = std::vector<double>(), py::arg("direct_io") = true,
-             py::arg("io_threads") = 4,
-             py::arg("offload_tier") = "disk", py::arg("cpu_assist") = true,
-             py::arg("replay") = std::vector<int32_t>(), py::arg("replay_weights") = std::vector<float>(),
-             py::arg("lo_path") = "", py::arg("lo_share") = 0.25,
-             py::arg("lo_threshold") = 0.0f, py::arg("prefetch") = false, py::arg("prefetch_depth") = 1,
-             py::arg("prefetch_max_tokens") = 4, py::arg("multidim") = std::make_tuple(1.0, 1.0, 1.0))
+        .def(py::init([](const pymoe::model_params & p) { return std::make_unique<py_model>(p); }), py::arg("params"))
         .def("close", &py_model::close)
         .def_property_readonly("closed", &py_model::closed)
         // vocab

@@ -44,6 +44,10 @@ int32_t meta_int(const llama_model * m, const std::string & key) {
 
 }  // namespace
 
+int32_t default_n_ctx(int32_t n_ctx_train) {
+    return std::min(n_ctx_train > 0 ? n_ctx_train : 4096, 4096);
+}
+
 model::model(const model_params & params) : params_(params) {
     std::error_code ec;
     if (!std::filesystem::exists(params.path, ec)) {
@@ -92,7 +96,7 @@ model::model(const model_params & params) : params_(params) {
                                                    : (int32_t) std::max(1u, std::thread::hardware_concurrency());
     llama_context_params cp = llama_context_default_params();
     const int32_t        n_ctx_train = llama_model_n_ctx_train(model_.get());
-    cp.n_ctx           = params.n_ctx > 0 ? params.n_ctx : (uint32_t) std::min(n_ctx_train > 0 ? n_ctx_train : 4096, 4096);
+    cp.n_ctx           = params.n_ctx > 0 ? params.n_ctx : default_n_ctx(n_ctx_train);
     cp.n_batch         = params.n_batch;
     cp.n_ubatch        = std::min(params.n_ubatch, params.n_batch);
     cp.n_seq_max       = params.n_seq_max;

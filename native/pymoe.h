@@ -149,7 +149,8 @@ struct offload_params {
     // gate weight is below `lo_threshold` may be served by such a slot.
     std::string         lo_path;
     double              lo_share     = 0.25;
-    float               lo_threshold = 0.0f;  // 0: never low precision
+    float               lo_threshold = 0.2f;  // relative to the token's top-k sum; 0: never low precision
+                                              // (docs/quality.md measured the default on q2_K sidecars)
     // Prefetching: after layer L's router, predict layers L+1 .. L+depth with
     // their own routers applied to layer L's hidden state and load the
     // predicted experts in the background (depth > 1 only when the loader is idle).
@@ -229,9 +230,15 @@ std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, u
 
 class engine;  // pymoe-engine.h
 
+// The context length a model gets when none is asked for: min(trained context, 4096).
+int32_t default_n_ctx(int32_t n_ctx_train);
+
+// Everything that decides how a model is loaded and its experts served. The
+// defaults here are the only ones: Python binds this struct (pymoe.Settings
+// reads them) and the CLI's flags come from those settings.
 struct model_params {
     std::string path;
-    int32_t     n_ctx        = 0;    // 0 = min(trained context, 4096)
+    int32_t     n_ctx        = 0;    // 0 = default_n_ctx(trained context)
     int32_t     n_batch      = 512;  // tokens per llama_decode call
     int32_t     n_ubatch     = 512;  // tokens per graph evaluation
     int32_t     n_seq_max    = 1;    // parallel sequences (batched decode)

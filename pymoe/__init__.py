@@ -20,6 +20,7 @@ except ImportError as e:  # a source checkout shadowing the installed package
 from .conversation import Conversation
 from .gguf_info import GGUFSummary, summarize
 from .model import GenerationStats, Model, PerplexityResult, SamplingParams
+from .settings import Settings
 
 try:
     __version__ = version("pymoe")
@@ -35,6 +36,7 @@ __all__ = [
     "Model",
     "PerplexityResult",
     "SamplingParams",
+    "Settings",
     "__version__",
     "llama_cpp_commit",
     "summarize",

@@ -13,39 +13,52 @@ def get_log_level() -> int: ...
 def take_log_errors() -> str: ...
 def read_gguf(path: str, max_array: int = 64) -> dict[str, Any]: ...
 
+class OffloadParams:
+    """native/pymoe.h offload_params; the defaults are the C++ ones."""
+
+    enabled: bool
+    tier: str
+    budget: int
+    policy: str
+    per_layer: bool
+    w_recency: float
+    w_frequency: float
+    w_precision: float
+    profile: list[float]
+    cpu_assist: bool
+    direct_io: bool
+    io_threads: int
+    lo_path: str
+    lo_share: float
+    lo_threshold: float
+    prefetch: bool
+    prefetch_depth: int
+    prefetch_max_tokens: int
+    replay: list[int]
+    replay_weights: list[float]
+    def __init__(self) -> None: ...
+
+class ModelParams:
+    """native/pymoe.h model_params; the defaults are the C++ ones."""
+
+    path: str
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_seq_max: int
+    n_threads: int
+    n_gpu_layers: int
+    use_mmap: bool
+    flash_attn: bool
+    repack: bool
+    cache_type: str
+    offload: OffloadParams
+    def __init__(self) -> None: ...
+
+def default_n_ctx(n_ctx_train: int) -> int: ...
+
 class Model:
-    def __init__(
-        self,
-        path: str,
-        n_ctx: int = 0,
-        n_batch: int = 512,
-        n_ubatch: int = 512,
-        n_seq_max: int = 1,
-        n_threads: int = 0,
-        n_gpu_layers: int = -1,
-        use_mmap: bool = True,
-        repack: bool = True,
-        flash_attn: bool = False,
-        cache_type: str = "f16",
-        offload: bool = False,
-        expert_budget: int = 0,
-        policy: str = "lru",
-        per_layer: bool = True,
-        profile: list[float] = ...,
-        direct_io: bool = True,
-        io_threads: int = 4,
-        offload_tier: str = "disk",
-        cpu_assist: bool = True,
-        replay: list[int] = ...,
-        replay_weights: list[float] = ...,
-        lo_path: str = "",
-        lo_share: float = 0.25,
-        lo_threshold: float = 0.0,
-        prefetch: bool = False,
-        prefetch_depth: int = 1,
-        prefetch_max_tokens: int = 4,
-        multidim: tuple[float, float, float] = (1.0, 1.0, 1.0),
-    ) -> None: ...
+    def __init__(self, params: ModelParams) -> None: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ._args import add_model_args, budget_arg, model_kwargs
+from . import settings as settings_mod
+from ._args import add_model_args, budget_arg
 from .gguf_info import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,14 +78,10 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
     from .model import Model
 
-    kw = model_kwargs(args)
-    if budget == "off":
-        kw.update(offload="off")
-    else:
-        kw.update(offload="on", expert_budget=budget_arg(budget))
-    kw["n_ctx"] = max(args.ctx_size, args.prompt_tokens + args.gen_tokens + 8)
+    offload = {"offload": "off"} if budget == "off" else {"offload": "on", "expert_budget": budget_arg(budget)}
+    settings = settings_mod.from_args(args, n_ctx=max(args.n_ctx, args.prompt_tokens + args.gen_tokens + 8), **offload)
     t_load = time.perf_counter()
-    with Model(args.model, **kw) as m:
+    with Model(args.model, settings) as m:
         load_seconds = time.perf_counter() - t_load
         rng = np.random.default_rng(args.seed)
         prompt = rng.integers(0, m.n_vocab, args.prompt_tokens).tolist()
@@ -175,7 +172,7 @@ def find_llama_bench(path: str | None) -> Path:
 
 def run_llama_bench(args: argparse.Namespace) -> dict[str, Any]:
     exe = find_llama_bench(args.llama_bench)
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.n_threads or os.cpu_count() or 1
     cmd = [
         str(exe),
         "-m",
@@ -313,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(
             f"{summary.name or args.model}: pp{args.prompt_tokens}, tg{args.gen_tokens}, "
-            f"threads {args.threads or os.cpu_count()}"
+            f"threads {args.n_threads or os.cpu_count()}"
         )
         print_table(results, reference)
         if args.plot:

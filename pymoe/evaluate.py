@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
         need = len(text.encode("utf-8")) + 8  # a token covers at least one byte
     # size the context to the input unless the user chose one
-    n_ctx = args.ctx_size or max(512, -(-need // 256) * 256)
+    n_ctx = args.n_ctx or max(512, -(-need // 256) * 256)
     with load_model(args, n_ctx=n_ctx) as model:
         ids = tokens if tokens is not None else model.tokenize(text, add_bos=True)
         logits = model.logits(ids)

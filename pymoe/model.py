@@ -19,14 +19,8 @@ import numpy as np
 
 from . import _core
 from .gguf_info import GGUFSummary, check_gguf_path, summarize
-from .offload import (
-    DEFAULT_LO_THRESHOLD,
-    OffloadConfig,
-    check_partition,
-    resolve_sidecar,
-    resolve_tier,
-    summarize_stats,
-)
+from .offload import summarize_stats
+from .settings import Settings
 
 Message = dict[str, str]
 Tokens = Sequence[int] | np.ndarray  # token ids: a list or a 1-D integer array
@@ -104,155 +98,24 @@ class _Totals:
 class Model:
     """A GGUF model loaded by llama.cpp.
 
-    >>> with Model("model.gguf") as m:
+    >>> with Model("model.gguf", n_ctx=4096, expert_budget="6GiB") as m:
     ...     print(m.generate("The capital of France is", max_tokens=8, temperature=0))
 
-    Parameters
-    ----------
-    path: the .gguf file.
-    n_ctx: context length in tokens; 0 picks min(trained context, 4096).
-    n_batch: tokens per decode call (prompt processing chunk).
-    n_threads: CPU threads; 0 uses every hardware thread.
-    n_gpu_layers: layers on the GPU when built with one (-1: all).
-    use_mmap: map the file instead of reading it into memory.
-    repack: let llama.cpp repack weights into the layouts of its faster CPU
-        kernels (q4_0, q4_K, iq4_nl ... on x86 and ARM). The offload engine's
-        experts are never repacked (its slots are byte copies of the file's
-        layout); in the host tier nothing is. Pass False for a reference that
-        sums exactly as the engine does.
-    flash_attn: use flash attention.
-    cache_type: KV cache element type ("f16", "f32", "q8_0" ...).
-    offload: the expert-offload engine: "auto" (on for a MoE model whose
-        experts do not fit the budget), "on" or "off".
-    expert_budget: fast memory for expert slots: bytes ("6GiB", an int), a
-        share of the model's expert bytes (0.5, "50%"), or "auto" (what is
-        free after the rest of the model and the KV cache).
-    policy: cache eviction, "lru", "lfu", "multidim" or "static" (needs
-        `profile`).
-    cache_partition: "layer" (a slot pool per layer, each with its share of
-        the budget; the default) or "shared" (one pool per tensor format that
-        all layers compete for; LRU then thrashes once the budget holds fewer
-        experts than one token uses).
-    profile: per-expert usage [n_layer, n_expert] for the static hot set
-        (e.g. ``offload_stats(raw=True)["expert_pairs"]`` of an earlier run).
-    offload_tier: "disk" (experts stay in the file, read on demand: the
-        model may exceed RAM), "host" (experts resident in host memory, slots
-        in the fast tier), or "auto" (host with a GPU, disk without).
-    cpu_assist: let the planner compute a missed expert where its weights are
-        when that is cheaper than loading it (Fiddler); False: always load.
-    direct_io: read slots with O_DIRECT (disk tier).
-    replay: BENCHMARK MODE, never for real use: expert ids [rows, n_layer,
-        n_expert_used] (e.g. ``pymoe.traces.load_trace(f).fit(...)``) that
-        replace the router's choices, so that a model with random weights
-        sees a real model's access pattern; or a pair (ids, gate weights) of
-        that shape (``Trace.fit_routes(...)``), whose weights then replace the
-        router's in the planner's decisions (mixed precision). The outputs are
-        meaningless.
-    sidecar: the low-precision copy of the experts (`pymoe convert` writes
-        MODEL.lo.gguf; "auto" uses that file when it exists). With it,
-        `lo_share` of the budget holds low-precision slots and a pair whose
-        gate weight, divided by the sum of its token's top-k weights, is below
-        `lo_threshold` may be computed in low precision (HOBBIT's token-level
-        dynamic precision; docs/quality.md measured the default).
-    prefetch: predict the next `prefetch_depth` layers' experts (their
-        routers applied to the current hidden state) and load them in the
-        background while the current layer computes.
-    multidim_weights: (recency, frequency, precision) weights of the
-        "multidim" policy's score.
-    verbose: let llama.cpp log to stderr.
+    `settings` (a `pymoe.Settings`) says how the model is loaded and how its
+    experts are served; keyword arguments change single settings
+    (``Model(path, settings, n_ctx=512)``). `Settings` documents each one:
+    context and batch sizes, threads, GPU layers, the KV cache type, and the
+    expert-offload engine (on/off, budget, policy, tier, sidecar, prefetching).
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        n_ctx: int = 0,
-        n_batch: int = 512,
-        n_ubatch: int = 512,
-        n_threads: int = 0,
-        n_gpu_layers: int = -1,
-        use_mmap: bool = True,
-        repack: bool = True,
-        flash_attn: bool = False,
-        cache_type: str = "f16",
-        offload: str = "auto",
-        expert_budget: str | float | int | None = "auto",
-        policy: str = "lru",
-        cache_partition: str = "layer",
-        profile: Any = None,
-        offload_tier: str = "auto",
-        cpu_assist: bool = True,
-        direct_io: bool = True,
-        replay: Any = None,
-        sidecar: str | os.PathLike[str] | None = None,
-        lo_share: float = 0.25,
-        lo_threshold: float = DEFAULT_LO_THRESHOLD,
-        prefetch: bool = False,
-        prefetch_depth: int = 1,
-        multidim_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-        verbose: bool = False,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], settings: Settings | None = None, /, **changes: Any) -> None:
         self.path = Path(path)
+        self.settings = (settings or Settings()).replace(**changes)
         check_gguf_path(self.path)
-        _core.set_log_level(2 if verbose else 100)
+        _core.set_log_level(2 if self.settings.verbose else 100)
         self._summary: GGUFSummary = summarize(self.path)
-        ctx_train = self._summary.metadata.get(f"{self._summary.architecture}.context_length", 4096)
-        self.offload = OffloadConfig.resolve(
-            self._summary,
-            offload=offload,
-            expert_budget=expert_budget,
-            policy=policy,
-            n_ctx=n_ctx or min(int(ctx_train) if isinstance(ctx_train, int) else 4096, 4096),
-        )
-        profile_list = np.asarray(profile, dtype=np.float64).ravel().tolist() if profile is not None else []
-        self._cache_partition = cache_partition
-        self.sidecar = resolve_sidecar(self.path, sidecar) if self.offload.enabled else None
-        if replay is not None:
-            if not self.offload.enabled:
-                raise ValueError("replaying a routing trace needs the offload engine: pass offload='on'")
-            if isinstance(replay, tuple):
-                replay, replay_weights = np.asarray(replay[0], dtype=np.int32), np.asarray(replay[1], np.float32)
-            else:
-                replay, replay_weights = np.asarray(replay, dtype=np.int32), None
-            want = (self._summary.n_layer, self._summary.n_expert_used)
-            if replay.ndim != 3 or replay.shape[1:] != want:
-                raise ValueError(
-                    f"the replay trace has shape {replay.shape}; this model needs [rows, {want[0]}, {want[1]}]; "
-                    "hint: Trace.fit(n_layer, n_expert, k) builds one"
-                )
-            if replay_weights is not None and replay_weights.shape != replay.shape:
-                raise ValueError(
-                    f"the replay trace's weights have shape {replay_weights.shape}, its experts {replay.shape}; "
-                    "hint: Trace.fit_routes(n_layer, n_expert, k) builds both"
-                )
-        self._native = _core.Model(
-            str(self.path),
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_ubatch=n_ubatch,
-            n_threads=n_threads,
-            n_gpu_layers=n_gpu_layers,
-            use_mmap=use_mmap,
-            repack=repack,
-            flash_attn=flash_attn,
-            cache_type=cache_type,
-            offload=self.offload.enabled,
-            expert_budget=self.offload.budget,
-            policy=self.offload.policy,
-            per_layer=check_partition(cache_partition),
-            profile=profile_list,
-            direct_io=direct_io,
-            offload_tier=resolve_tier(offload_tier),
-            cpu_assist=cpu_assist,
-            replay=replay.ravel().tolist() if replay is not None else [],
-            replay_weights=replay_weights.ravel().tolist() if replay is not None and replay_weights is not None else [],
-            lo_path=str(self.sidecar or ""),
-            lo_share=lo_share,
-            lo_threshold=lo_threshold,
-            prefetch=prefetch,
-            prefetch_depth=prefetch_depth,
-            multidim=tuple(float(w) for w in multidim_weights),
-        )
+        params, self.offload, self.sidecar = self.settings.resolve(self.path, self._summary)
+        self._native = _core.Model(params)
         self._lock = threading.RLock()
         self._past: list[int] = []  # tokens whose KV cache sequence 0 holds, in order
         self._totals = _Totals()
@@ -323,7 +186,7 @@ class Model:
                     "enabled": self.offload.enabled,
                     "budget": self.offload.budget,
                     "policy": self.offload.policy,
-                    "cache_partition": self._cache_partition,
+                    "cache_partition": self.settings.cache_partition,
                     "reason": self.offload.reason,
                 },
             }

@@ -187,9 +187,9 @@ class OffloadConfig:
 TIERS = ("auto", "disk", "host")
 
 # relative gate weight (the pair's weight over its token's top-k sum) below which
-# a pair may use the low-precision copy: docs/quality.md has the measurement
-# behind the value (q2_K sidecars, the converter's default)
-DEFAULT_LO_THRESHOLD = 0.2
+# a pair may use the low-precision copy: the native default (offload_params in
+# pymoe.h); docs/quality.md has the measurement behind the value
+DEFAULT_LO_THRESHOLD = round(_core.ModelParams().offload.lo_threshold, 6)
 
 
 def resolve_sidecar(main: Path, sidecar: str | os.PathLike[str] | None) -> Path | None:

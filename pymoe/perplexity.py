@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
     if args.chunk < 2:
         raise ValueError("--chunk must be >= 2")
     text = path.read_text(encoding="utf-8")
-    with load_model(args, n_ctx=max(args.ctx_size, args.chunk)) as model:
+    with load_model(args, n_ctx=max(args.n_ctx, args.chunk)) as model:
         tokens = model.tokenize(text, add_bos=False)
         res = model.perplexity(tokens, n_ctx=args.chunk)
         if args.stats:
