@@ -89,17 +89,11 @@ py::array_t<int32_t> to_numpy(std::vector<int32_t> && v) {
 }
 
 py::dict layer_stats_to_py(const pymoe::layer_stats & l) {
-    return py::dict(py::arg("steps") = l.steps, py::arg("pairs") = l.pairs, py::arg("hits") = l.hits,
-                    py::arg("misses") = l.misses, py::arg("loads") = l.loads, py::arg("direct") = l.direct,
-                    py::arg("evictions") = l.evictions, py::arg("pool_pairs") = l.pool_pairs,
-                    py::arg("direct_pairs") = l.direct_pairs, py::arg("bytes_loaded") = l.bytes_loaded,
-                    py::arg("bytes_direct") = l.bytes_direct, py::arg("load_seconds") = l.load_seconds,
-                    py::arg("plan_seconds") = l.plan_seconds, py::arg("hits_lo") = l.hits_lo,
-                    py::arg("loads_lo") = l.loads_lo, py::arg("lo_pairs") = l.lo_pairs, py::arg("upgrades") = l.upgrades,
-                    py::arg("bytes_loaded_lo") = l.bytes_loaded_lo, py::arg("prefetch_predicted") = l.prefetch_predicted,
-                    py::arg("prefetch_correct") = l.prefetch_correct, py::arg("prefetch_missed") = l.prefetch_missed,
-                    py::arg("prefetch_loads") = l.prefetch_loads, py::arg("prefetch_bytes") = l.prefetch_bytes,
-                    py::arg("prefetch_wait_seconds") = l.prefetch_wait_seconds);
+    py::dict d;
+#define PYMOE_COUNTER_TO_PY(type, name, doc) d[#name] = l.name;
+    PYMOE_LAYER_COUNTERS(PYMOE_COUNTER_TO_PY)
+#undef PYMOE_COUNTER_TO_PY
+    return d;
 }
 
 py::dict offload_stats_to_py(const pymoe::offload_stats & s) {
@@ -418,6 +412,16 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("repack", &pymoe::model_params::repack)
         .def_readwrite("cache_type", &pymoe::model_params::cache_type)
         .def_readwrite("offload", &pymoe::model_params::offload);
+    mod.def(
+        "layer_counters",
+        [] {
+            py::list out;
+#define PYMOE_COUNTER_DESCRIBE(type, name, doc) out.append(py::make_tuple(#name, #type, doc));
+            PYMOE_LAYER_COUNTERS(PYMOE_COUNTER_DESCRIBE)
+#undef PYMOE_COUNTER_DESCRIBE
+            return out;
+        },
+        "The engine's per-layer counters: [(name, C type, meaning)], in the order of pymoe.h's table.");
     mod.def("default_n_ctx", &pymoe::default_n_ctx, py::arg("n_ctx_train"),
             "The context length a model gets when none is asked for.");
 

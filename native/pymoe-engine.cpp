@@ -25,33 +25,6 @@ double seconds_since(clock_type::time_point t0) {
 
 constexpr const char * k_route_prefix = "pymoe_route-";
 
-void accumulate(layer_stats & acc, const layer_stats & s) {
-    acc.steps += s.steps;
-    acc.pairs += s.pairs;
-    acc.hits += s.hits;
-    acc.misses += s.misses;
-    acc.loads += s.loads;
-    acc.direct += s.direct;
-    acc.evictions += s.evictions;
-    acc.pool_pairs += s.pool_pairs;
-    acc.direct_pairs += s.direct_pairs;
-    acc.bytes_loaded += s.bytes_loaded;
-    acc.bytes_direct += s.bytes_direct;
-    acc.load_seconds += s.load_seconds;
-    acc.plan_seconds += s.plan_seconds;
-    acc.hits_lo += s.hits_lo;
-    acc.loads_lo += s.loads_lo;
-    acc.lo_pairs += s.lo_pairs;
-    acc.upgrades += s.upgrades;
-    acc.bytes_loaded_lo += s.bytes_loaded_lo;
-    acc.prefetch_predicted += s.prefetch_predicted;
-    acc.prefetch_correct += s.prefetch_correct;
-    acc.prefetch_missed += s.prefetch_missed;
-    acc.prefetch_loads += s.prefetch_loads;
-    acc.prefetch_bytes += s.prefetch_bytes;
-    acc.prefetch_wait_seconds += s.prefetch_wait_seconds;
-}
-
 // the sidecar must hold the same experts as the main file, in any type
 void check_sidecar_layout(const expert_store & main, const expert_store & lo) {
     for (const auto & l : main.layers()) {
@@ -421,7 +394,7 @@ void engine::on_route(int32_t il) {
     ls.load_seconds = load_seconds;
     ls.plan_seconds = seconds_since(t0) - load_seconds - ls.prefetch_wait_seconds;
     std::lock_guard<std::mutex> lock(stats_mutex_);
-    accumulate(layer_stats_[il], ls);
+    layer_stats_[il] += ls;
 }
 
 void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t step, layer_stats & ls,

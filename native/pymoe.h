@@ -165,34 +165,52 @@ struct offload_params {
     std::vector<float>   replay_weights;  // the trace's gate weights, same shape (empty: the router's)
 };
 
+// The engine's per-layer counters: one table (as ggml keeps its op names).
+// The struct, its accumulation, the Python dicts (bindings.cpp) and the totals
+// of pymoe.stats are all generated from it; a counter added here appears
+// everywhere. X(type, name, meaning)
+#define PYMOE_LAYER_COUNTERS(X)                                                                      \
+    X(uint64_t, steps, "ubatches that went through this MoE layer")                                  \
+    X(uint64_t, pairs, "(token, chosen expert) pairs")                                               \
+    X(uint64_t, hits, "distinct experts of a step found in a slot")                                  \
+    X(uint64_t, misses, "distinct experts of a step not in a slot")                                  \
+    X(uint64_t, loads, "experts read into a slot")                                                   \
+    X(uint64_t, direct, "distinct experts computed from the model's own tensors")                    \
+    X(uint64_t, evictions, "experts that lost their slot")                                           \
+    X(uint64_t, pool_pairs, "pairs computed from slots")                                             \
+    X(uint64_t, direct_pairs, "pairs computed from the model's tensors")                             \
+    X(uint64_t, bytes_loaded, "bytes read into slots")                                               \
+    X(uint64_t, bytes_direct, "expert bytes the direct branch touched")                              \
+    X(double, load_seconds, "reading into slots while the decode waited")                            \
+    X(double, plan_seconds, "planning and bookkeeping at the sync point")                            \
+    X(uint64_t, hits_lo, "distinct experts of a step served by a low-precision slot")                \
+    X(uint64_t, loads_lo, "low-precision copies read into a slot")                                   \
+    X(uint64_t, lo_pairs, "pairs computed in low precision")                                         \
+    X(uint64_t, upgrades, "experts moved from a low- to a high-precision slot")                      \
+    X(uint64_t, bytes_loaded_lo, "bytes of low-precision copies read into slots")                    \
+    X(uint64_t, prefetch_predicted, "distinct experts predicted for this layer")                     \
+    X(uint64_t, prefetch_correct, "predicted and chosen")                                            \
+    X(uint64_t, prefetch_missed, "chosen but not predicted")                                         \
+    X(uint64_t, prefetch_loads, "predicted experts loaded in the background")                        \
+    X(uint64_t, prefetch_bytes, "bytes of those background loads")                                  \
+    X(double, prefetch_wait_seconds, "the decode waited for a background load: exposed time")
+
 struct layer_stats {
-    uint64_t steps        = 0;  // ubatches that went through this MoE layer
-    uint64_t pairs        = 0;  // (token, chosen expert) pairs
-    uint64_t hits         = 0;  // distinct experts of a step found in a slot
-    uint64_t misses       = 0;  // distinct experts of a step not in a slot
-    uint64_t loads        = 0;  // experts read into a slot
-    uint64_t direct       = 0;  // distinct experts computed from the model's own tensors
-    uint64_t evictions    = 0;
-    uint64_t pool_pairs   = 0;  // pairs computed from slots
-    uint64_t direct_pairs = 0;  // pairs computed from the model's tensors
-    uint64_t bytes_loaded = 0;  // read into slots
-    uint64_t bytes_direct = 0;  // expert bytes the direct branch touched
-    double   load_seconds = 0;  // reading into slots (the decode waits for it)
-    double   plan_seconds = 0;  // planning and bookkeeping at the sync point
-    // mixed precision
-    uint64_t hits_lo         = 0; // distinct experts of a step served by a low-precision slot (hits)
-    uint64_t loads_lo        = 0; // low-precision copies read into a slot
-    uint64_t lo_pairs        = 0; // pairs computed in low precision
-    uint64_t upgrades        = 0; // experts moved from a low- to a high-precision slot
-    uint64_t bytes_loaded_lo = 0;
-    // prefetching (the predictions made for this layer)
-    uint64_t prefetch_predicted = 0; // distinct experts predicted
-    uint64_t prefetch_correct   = 0; // predicted and chosen
-    uint64_t prefetch_missed    = 0; // chosen but not predicted
-    uint64_t prefetch_loads     = 0; // predicted experts loaded in the background
-    uint64_t prefetch_bytes     = 0;
-    double   prefetch_wait_seconds = 0; // the decode waited for a background load: exposed time
+#define PYMOE_COUNTER_FIELD(type, name, doc) type name = 0;
+    PYMOE_LAYER_COUNTERS(PYMOE_COUNTER_FIELD)
+#undef PYMOE_COUNTER_FIELD
+
+    layer_stats & operator+=(const layer_stats & o) {
+#define PYMOE_COUNTER_ADD(type, name, doc) name += o.name;
+        PYMOE_LAYER_COUNTERS(PYMOE_COUNTER_ADD)
+#undef PYMOE_COUNTER_ADD
+        return *this;
+    }
 };
+// every field comes from the table (all are 8 bytes): a field added outside it fails here
+#define PYMOE_COUNTER_SIZE(type, name, doc) +sizeof(type)
+static_assert(sizeof(layer_stats) == 0 PYMOE_LAYER_COUNTERS(PYMOE_COUNTER_SIZE), "layer_stats: add counters to PYMOE_LAYER_COUNTERS");
+#undef PYMOE_COUNTER_SIZE
 
 struct offload_stats {
     std::string              tier;           // "disk" or "host" (see offload_params)

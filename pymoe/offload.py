@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _core
+from . import _core, stats
 from .gguf_info import GGUFSummary
 
 OFFLOAD_MODES = ("auto", "on", "off")
@@ -217,23 +217,10 @@ def resolve_tier(tier: str) -> str:
     return tier
 
 
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den else None
-
-
-STAT_KEYS = (
-    "steps", "pairs", "hits", "misses", "loads", "direct", "evictions", "pool_pairs", "direct_pairs",
-    "bytes_loaded", "bytes_direct", "load_seconds", "plan_seconds", "hits_lo", "loads_lo", "lo_pairs",
-    "upgrades", "bytes_loaded_lo", "prefetch_predicted", "prefetch_correct", "prefetch_missed",
-    "prefetch_loads", "prefetch_bytes", "prefetch_wait_seconds",
-)  # fmt: skip
-
-
 def summarize_stats(raw: dict[str, Any], tokens: int | None = None) -> dict[str, Any]:
-    """Totals, rates and per-layer lists from the engine's counters."""
+    """Totals, rates and per-layer lists from the engine's counters (pymoe.stats derives every figure)."""
     layers = raw["layers"]
-    total = {k: sum(layer[k] for layer in layers) for k in STAT_KEYS}
-    lookups = total["hits"] + total["hits_lo"] + total["misses"]
+    total = stats.totals(layers)
     out: dict[str, Any] = {
         "tier": raw["tier"],
         "policy": raw["policy"],
@@ -246,25 +233,16 @@ def summarize_stats(raw: dict[str, Any], tokens: int | None = None) -> dict[str,
         "read_bandwidth": raw["read_bandwidth"],
         "prefetch": raw["prefetch"],
         "prefetch_busy_seconds": raw["prefetch_busy_seconds"],
-        "hit_rate": _ratio(total["hits"] + total["hits_lo"], lookups) or 0.0,
-        "pool_share": _ratio(total["pool_pairs"] + total["lo_pairs"], total["pairs"]) or 0.0,
-        "lo_share_of_pairs": _ratio(total["lo_pairs"], total["pairs"]) or 0.0,
-        "prefetch_precision": _ratio(total["prefetch_correct"], total["prefetch_predicted"]),
-        "prefetch_recall": _ratio(total["prefetch_correct"], total["prefetch_correct"] + total["prefetch_missed"]),
+        **stats.derived(total),
         **total,
         "per_layer": {
-            "hit_rate": [
-                _ratio(lay["hits"] + lay["hits_lo"], lay["hits"] + lay["hits_lo"] + lay["misses"]) for lay in layers
-            ],
+            "hit_rate": [stats.hit_rate(lay) for lay in layers],
             "loads": [lay["loads"] for lay in layers],
             "direct": [lay["direct"] for lay in layers],
-            "prefetch_precision": [_ratio(lay["prefetch_correct"], lay["prefetch_predicted"]) for lay in layers],
-            "prefetch_recall": [
-                _ratio(lay["prefetch_correct"], lay["prefetch_correct"] + lay["prefetch_missed"]) for lay in layers
-            ],
+            "prefetch_precision": [stats.derived(lay)["prefetch_precision"] for lay in layers],
+            "prefetch_recall": [stats.derived(lay)["prefetch_recall"] for lay in layers],
         },
     }
     if tokens:
-        moved = total["bytes_loaded"] + total["bytes_loaded_lo"] + total["bytes_direct"] + total["prefetch_bytes"]
-        out["bytes_moved_per_token"] = moved / tokens
+        out["bytes_moved_per_token"] = stats.bytes_moved(total) / tokens
     return out
