@@ -84,8 +84,10 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
                                             make_eviction_policy(params.policy, mw), params.profile, true,
                                             params.per_layer);
     if (params.prefetch) {
-        predictor_ = std::make_unique<router_predictor>(n_layer, n_embd);
-        loader_    = std::make_unique<async_loader>(std::max(1, params.io_threads / 2));
+        prefetcher::targets t{ cache_.get(), store_.get(), cache_lo_.get(), store_lo_.get(),
+                               cache_lo_ ? params.lo_threshold : 0.0f };
+        prefetcher_ = std::make_unique<prefetcher>(n_layer, n_embd, n_expert_used, std::max(1, params.io_threads / 2),
+                                                   params.prefetch_depth, params.prefetch_max_tokens, t);
     }
     hook_.reset(make_moe_hook(*this));
 
@@ -136,7 +138,6 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
         replay_cursor_.assign((size_t) n_layer, 0);
     }
     route_.assign((size_t) n_layer, layer_route_tensors{});
-    predicted_.assign((size_t) n_layer, {});
     layer_stats_.assign((size_t) n_layer, layer_stats{});
     count_.assign((size_t) n_expert, 0);
     wmax_.assign((size_t) n_expert, 0.0f);
@@ -146,7 +147,7 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
 }
 
 engine::~engine() {
-    loader_.reset();  // joins the background thread before the pools go
+    prefetcher_.reset();  // joins the background loader before the pools go
     release_direct();
 }
 
@@ -185,9 +186,17 @@ bool engine::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     return true;  // false would stop the graph
 }
 
-void engine::note_layer_built(int32_t il, const layer_route_tensors & route) {
-    route_[il] = route;
-    ggml_format_name(route.weights, "%s%d", k_route_prefix, il);
+void engine::on_layer_built(const built_layer & v) {
+    const expert_layer * el = store_->layer(v.il);
+    GGML_ASSERT(el);
+    for (const auto & p : el->projs) {
+        store_->set_host(v.il, p.kind, v.expert_data[p.kind]);
+    }
+    route_[v.il] = v.route;
+    ggml_format_name(v.route.weights, "%s%d", k_route_prefix, v.il);
+    if (prefetcher_) {
+        prefetcher_->predictor().set_router(v.il, v.gate_inp, v.exp_probs_b, v.gating);
+    }
 }
 
 //
@@ -270,31 +279,6 @@ void engine::release_direct() {
 // background loads
 //
 
-void engine::settle_inflight() {
-    for (auto it = inflight_.begin(); it != inflight_.end();) {
-        const int state = it->done->load();
-        if (state == 0) {
-            ++it;
-            continue;
-        }
-        if (state > 0) {
-            it->cache->unpin(it->il, it->e);
-        } else {
-            it->cache->release(it->il, it->e);  // a failed read: the slot holds nothing usable
-        }
-        it = inflight_.erase(it);
-    }
-}
-
-void engine::wait_inflight(int32_t il, int32_t e, layer_stats & ls) {
-    for (auto & f : inflight_) {
-        if (f.il == il && f.e == e) {
-            ls.prefetch_wait_seconds += loader_->wait(f.done);
-        }
-    }
-    settle_inflight();
-}
-
 //
 // the sync point
 //
@@ -344,9 +328,10 @@ void engine::on_route(int32_t il) {
         }
         relative_gate_weights(w_.data(), n_tokens, n_used);
         plan_step(il, n_used, n_tokens, step, ls, load_seconds);
-        if (loader_) {
-            prefetch_after(il, n_tokens, step, ls);
-            const std::string e = loader_->take_error();
+        if (prefetcher_ && rt.input && n_tokens <= params_.prefetch_max_tokens) {
+            read_input(rt.input, x_);
+            prefetcher_->after_plan(il, x_.data(), n_tokens, step);
+            const std::string e = prefetcher_->take_error();
             if (!e.empty() && error_.empty()) {
                 error_ = e;
             }
@@ -418,24 +403,13 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
         hi_pairs_[e] += w >= thr;
     }
 
-    // what the predictions made for this layer got right
-    if (!predicted_[il].empty()) {
-        for (int32_t e : predicted_[il]) {
-            ls.prefetch_predicted++;
-            ls.prefetch_correct += count_[e] > 0;
-        }
+    // what the predictions made for this layer got right; their loads must have landed
+    if (prefetcher_) {
+        chosen_.clear();
         for (const auto & x : experts) {
-            ls.prefetch_missed += std::find(predicted_[il].begin(), predicted_[il].end(), x.expert) ==
-                                  predicted_[il].end();
+            chosen_.push_back(x.expert);
         }
-        predicted_[il].clear();
-    }
-    // background loads of experts this step needs must have landed
-    if (!inflight_.empty()) {
-        settle_inflight();
-        for (const auto & x : experts) {
-            wait_inflight(il, x.expert, ls);
-        }
+        prefetcher_->before_plan(il, chosen_, ls);
     }
 
     const int32_t c       = cache_->class_of(il);
@@ -567,52 +541,6 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
     }
 }
 
-void engine::prefetch_after(int32_t il, int64_t n_tokens, uint64_t step, layer_stats & ls) {
-    GGML_UNUSED(ls);
-    if (n_tokens > params_.prefetch_max_tokens || !route_[il].input) {
-        return;
-    }
-    read_input(route_[il].input, x_);
-    for (int32_t d = 1; d <= params_.prefetch_depth; ++d) {
-        const int32_t target = il + d;
-        if (target >= n_layer_ || !store_->layer(target)) {
-            break;
-        }
-        if (d > 1 && !loader_->idle()) {
-            break;  // look further ahead only while the link is idle
-        }
-        if (!predictor_->predict(target, x_.data(), n_tokens, n_expert_used_, pred_)) {
-            continue;
-        }
-        std::vector<int32_t> & predicted = predicted_[target];
-        for (const auto & [e, weight] : pred_) {
-            predicted.push_back(e);
-            if (cache_->lookup(target, e) >= 0 || (cache_lo_ && cache_lo_->lookup(target, e) >= 0)) {
-                continue;  // already there (or on its way)
-            }
-            const bool      lo    = cache_lo_ && weight < params_.lo_threshold && cache_lo_->class_of(target) >= 0;
-            expert_cache &  cache = lo ? *cache_lo_ : *cache_;
-            expert_store &  store = lo ? *store_lo_ : *store_;
-            if (!cache.policy().admits_on_miss()) {
-                continue;
-            }
-            bool          evicted = false;
-            const int32_t slot    = cache.assign(target, e, step, &evicted);  // never a slot this step uses
-            if (slot < 0) {
-                continue;
-            }
-            cache.pin(target, e);
-            const expert_layer & layer = *store.layer(target);
-            auto done = loader_->submit(store, { target, e, cache.slot_dst(cache.class_of(target), slot, layer) });
-            inflight_.push_back({ &cache, target, e, done, layer.expert_bytes });
-            std::lock_guard<std::mutex> lock(stats_mutex_);
-            layer_stats_[target].prefetch_loads++;
-            layer_stats_[target].prefetch_bytes += layer.expert_bytes;
-            layer_stats_[target].evictions += evicted;
-        }
-    }
-}
-
 void engine::end_batch() {
     release_direct();
     if (!error_.empty()) {
@@ -635,11 +563,16 @@ offload_stats engine::stats() const {
     s.pool_bytes_lo  = cache_lo_ ? cache_lo_->allocated_bytes() : 0;
     s.n_slots_lo     = cache_lo_ ? cache_lo_->n_slots() : 0;
     s.lo_threshold   = cache_lo_ ? params_.lo_threshold : 0.0f;
-    s.prefetch       = loader_ != nullptr;
-    s.prefetch_busy_seconds = loader_ ? loader_->busy_seconds() : 0.0;
+    s.prefetch       = prefetcher_ != nullptr;
+    s.prefetch_busy_seconds = prefetcher_ ? prefetcher_->busy_seconds() : 0.0;
     {
         std::lock_guard<std::mutex> lock(stats_mutex_);
         s.layers = layer_stats_;
+    }
+    if (prefetcher_) {
+        for (int32_t il = 0; il < n_layer_; ++il) {
+            s.layers[il] += prefetcher_->layer_counters(il);
+        }
     }
     s.expert_pairs.resize((size_t) n_layer_ * (size_t) n_expert_);
     for (int32_t il = 0; il < n_layer_; ++il) {
@@ -653,6 +586,9 @@ offload_stats engine::stats() const {
 void engine::reset_stats() {
     std::lock_guard<std::mutex> lock(stats_mutex_);
     layer_stats_.assign((size_t) n_layer_, layer_stats{});
+    if (prefetcher_) {
+        prefetcher_->reset_counters();
+    }
 }
 
 //

@@ -48,6 +48,18 @@ struct layer_route_tensors {
     ggml_tensor * input    = nullptr; // F32 [n_embd, 1, n_tokens]: what the experts (and the predictor) see
 };
 
+// Everything the hook tells the engine about one MoE layer of the graph it
+// built: the engine's one entry point from graph building (the hook itself
+// only builds graph).
+struct built_layer {
+    int32_t             il = -1;
+    layer_route_tensors route;
+    const uint8_t *     expert_data[PROJ_COUNT] = {};  // where llama.cpp placed each projection's experts (host)
+    const ggml_tensor * gate_inp    = nullptr;         // the router [n_embd, n_expert], for the predictor
+    const ggml_tensor * exp_probs_b = nullptr;         // its selection bias, or null
+    int32_t             gating      = 0;               // llama_expert_gating_func_type
+};
+
 class engine {
   public:
     // `path` the GGUF, `n_tokens_max` the largest ubatch, `buft_fast` where the
@@ -62,14 +74,14 @@ class engine {
     // the scheduler's eval callback (cb_eval / cb_eval_user_data = this)
     static bool eval_callback(ggml_tensor * t, bool ask, void * user_data);
 
-    // --- graph side, called by the hook
-    expert_store &             store() { return *store_; }
-    expert_cache &             cache() { return *cache_; }
-    expert_cache *             cache_lo() { return cache_lo_.get(); }
+    // --- graph side: what the hook reads, and its one call
+    const expert_layer *       layer(int32_t il) const { return store_->layer(il); }
+    const expert_cache &       cache() const { return *cache_; }
+    const expert_cache *       cache_lo() const { return cache_lo_.get(); }
     const layer_plan_tensors & plan_tensors(int32_t il) const { return plan_tensors_[il]; }
     int32_t                    n_tokens_max() const { return n_tokens_max_; }
-    void                       note_layer_built(int32_t il, const layer_route_tensors & route);
-    router_predictor *         predictor() { return predictor_.get(); }
+    // the hook built layer v.il into the graph about to run
+    void                       on_layer_built(const built_layer & v);
 
     // --- run side
     void on_route(int32_t il);
@@ -85,9 +97,6 @@ class engine {
     void start();  // at the first sync point, when every layer's tensors are known: calibrate, load a hot set
     void plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t step, layer_stats & ls,
                    double & load_seconds);
-    void prefetch_after(int32_t il, int64_t n_tokens, uint64_t step, layer_stats & ls);
-    void settle_inflight();  // completed background loads become ordinary cached experts
-    void wait_inflight(int32_t il, int32_t e, layer_stats & ls);
     void read_ids(const ggml_tensor * t, std::vector<int32_t> & out) const;
     void read_weights(const ggml_tensor * t, std::vector<float> & out) const;
     void read_input(const ggml_tensor * t, std::vector<float> & out) const;
@@ -104,8 +113,7 @@ class engine {
     std::unique_ptr<expert_cache>   cache_;
     std::unique_ptr<expert_store>   store_lo_;   // the sidecar
     std::unique_ptr<expert_cache>   cache_lo_;
-    std::unique_ptr<router_predictor> predictor_;
-    std::unique_ptr<async_loader>   loader_;
+    std::unique_ptr<prefetcher>     prefetcher_;  // with prefetching on
     struct hook_deleter {
         void operator()(llama_moe_hook * h) const;  // pymoe-hook.cpp, where the type is complete
     };
@@ -125,17 +133,6 @@ class engine {
     std::vector<std::pair<int32_t, int32_t>> pending_release_;
     std::string                              error_;
 
-    // background loads in flight: (cache, layer, expert) -> completion
-    struct inflight {
-        expert_cache *     cache;
-        int32_t            il;
-        int32_t            e;
-        async_loader::flag done;
-        uint64_t           bytes;
-    };
-    std::vector<inflight>                 inflight_;
-    std::vector<std::vector<int32_t>>     predicted_;  // [n_layer] experts predicted for the layer's next step
-
     // scratch of on_route, kept to avoid per-step allocations
     std::vector<int32_t> sel_;
     std::vector<float>   w_;
@@ -145,7 +142,7 @@ class engine {
     std::vector<float>   wmax_;
     std::vector<int32_t> hi_pairs_;
     std::vector<int32_t> action_of_, slot_of_;
-    std::vector<predicted_expert> pred_;
+    std::vector<int32_t> chosen_;
 
     mutable std::mutex       stats_mutex_;
     std::vector<layer_stats> layer_stats_;

@@ -19,19 +19,25 @@ class moe_hook : public llama_moe_hook {
                                 const llama_moe_chain & chain) override {
         GGML_UNUSED(gf);
         const int32_t        il = layer.il;
-        const expert_layer * el = eng_.store().layer(il);
+        const expert_layer * el = eng_.layer(il);
         if (!el || layer.has_scales || layer.n_tokens > eng_.n_tokens_max() ||
             layer.n_expert_used != eng_.plan_tensors(il).ids_pool->ne[0]) {
             return nullptr;  // upstream builds this layer from the model's tensors
         }
         // the model's expert tensors are llama.cpp's mapping of the file (or host copies)
         ggml_tensor * model_w[PROJ_COUNT] = { layer.gate_exps, layer.up_exps, layer.down_exps, layer.gate_up_exps };
+        built_layer   v;
+        v.il    = il;
+        v.route = { layer.selected, layer.weights, layer.input };
         for (const auto & p : el->projs) {
-            ggml_tensor * t = model_w[p.kind];
+            const ggml_tensor * t = model_w[p.kind];
             GGML_ASSERT(t && t->type == p.type && t->ne[0] == p.ne[0] && t->ne[1] == p.ne[1] && t->ne[2] == p.ne[2]);
-            eng_.store().set_host(il, p.kind, static_cast<const uint8_t *>(t->data));
+            v.expert_data[p.kind] = static_cast<const uint8_t *>(t->data);
         }
-        eng_.note_layer_built(il, { layer.selected, layer.weights, layer.input });
+        v.gate_inp    = layer.gate_inp;
+        v.exp_probs_b = layer.exp_probs_b;
+        v.gating      = layer.gating_op;
+        eng_.on_layer_built(v);
         // the engine reads the router's choice when the weights are computed;
         // by then the allocator may have reused its memory (its last reader,
         // the weights' get_rows, is done: it happens with 1-token ubatches).
@@ -41,16 +47,13 @@ class moe_hook : public llama_moe_hook {
                 ggml_set_output(t);
             }
         }
-        if (eng_.predictor()) {
-            eng_.predictor()->set_router(il, layer.gate_inp, layer.exp_probs_b, layer.gating_op);
-        }
 
         // views of the persistent plan tensors for this ubatch: [n_used, n_tokens]
         const layer_plan_tensors & pt   = eng_.plan_tensors(il);
         auto                       view = [&](ggml_tensor * t) {
             return ggml_view_2d(ctx, t, t->ne[0], layer.n_tokens, t->nb[1], 0);
         };
-        auto pool_branch = [&](expert_cache * cache, ggml_tensor * ids, ggml_tensor * ids_b) -> ggml_tensor * {
+        auto pool_branch = [&](const expert_cache * cache, ggml_tensor * ids, ggml_tensor * ids_b) -> ggml_tensor * {
             const int32_t c = cache ? cache->class_of(il) : -1;
             if (c < 0 || cache->cls(c).n_slots == 0) {
                 return nullptr;

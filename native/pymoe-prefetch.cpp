@@ -210,4 +210,115 @@ void async_loader::loop() {
     }
 }
 
+//
+// prefetcher
+//
+
+prefetcher::prefetcher(int32_t n_layer, int64_t n_embd, int32_t n_expert_used, int io_threads, int32_t depth,
+                       int32_t max_tokens, const targets & t)
+    : n_expert_used_(n_expert_used),
+      depth_(depth),
+      max_tokens_(max_tokens),
+      t_(t),
+      predictor_(n_layer, n_embd),
+      predicted_((size_t) n_layer),
+      counters_((size_t) n_layer),
+      loader_(io_threads) {}
+
+prefetcher::~prefetcher() = default;
+
+void prefetcher::settle() {
+    for (auto it = inflight_.begin(); it != inflight_.end();) {
+        const int state = it->done->load();
+        if (state == 0) {
+            ++it;
+            continue;
+        }
+        if (state > 0) {
+            it->cache->unpin(it->il, it->e);
+        } else {
+            it->cache->release(it->il, it->e);  // a failed read: the slot holds nothing usable
+        }
+        it = inflight_.erase(it);
+    }
+}
+
+void prefetcher::before_plan(int32_t il, const std::vector<int32_t> & chosen, layer_stats & ls) {
+    std::vector<int32_t> & predicted = predicted_[il];
+    if (!predicted.empty()) {
+        for (int32_t e : predicted) {
+            ls.prefetch_predicted++;
+            ls.prefetch_correct += std::find(chosen.begin(), chosen.end(), e) != chosen.end();
+        }
+        for (int32_t e : chosen) {
+            ls.prefetch_missed += std::find(predicted.begin(), predicted.end(), e) == predicted.end();
+        }
+        predicted.clear();
+    }
+    if (inflight_.empty()) {
+        return;
+    }
+    settle();
+    for (const auto & f : inflight_) {
+        if (f.il == il && std::find(chosen.begin(), chosen.end(), f.e) != chosen.end()) {
+            ls.prefetch_wait_seconds += loader_.wait(f.done);
+        }
+    }
+    settle();
+}
+
+void prefetcher::after_plan(int32_t il, const float * x, int64_t n_tokens, uint64_t step) {
+    if (n_tokens > max_tokens_) {
+        return;
+    }
+    const int32_t n_layer = (int32_t) predicted_.size();
+    for (int32_t d = 1; d <= depth_; ++d) {
+        const int32_t target = il + d;
+        if (target >= n_layer || !t_.hi_store->layer(target)) {
+            break;
+        }
+        if (d > 1 && !loader_.idle()) {
+            break;  // look further ahead only while the link is idle
+        }
+        if (!predictor_.predict(target, x, n_tokens, n_expert_used_, pred_)) {
+            continue;
+        }
+        for (const auto & [e, weight] : pred_) {
+            predicted_[target].push_back(e);
+            if (t_.hi->lookup(target, e) >= 0 || (t_.lo && t_.lo->lookup(target, e) >= 0)) {
+                continue;  // already there (or on its way)
+            }
+            const bool     lo    = t_.lo && weight < t_.lo_threshold && t_.lo->class_of(target) >= 0;
+            expert_cache & cache = lo ? *t_.lo : *t_.hi;
+            expert_store & store = lo ? *t_.lo_store : *t_.hi_store;
+            if (!cache.policy().admits_on_miss()) {
+                continue;
+            }
+            bool          evicted = false;
+            const int32_t slot    = cache.assign(target, e, step, &evicted);  // never a slot this step uses
+            if (slot < 0) {
+                continue;
+            }
+            cache.pin(target, e);
+            const expert_layer & layer = *store.layer(target);
+            auto done = loader_.submit(store, { target, e, cache.slot_dst(cache.class_of(target), slot, layer) });
+            inflight_.push_back({ &cache, target, e, done });
+            std::lock_guard<std::mutex> lock(counters_mutex_);
+            counters_[target].prefetch_loads++;
+            counters_[target].prefetch_bytes += layer.expert_bytes;
+            counters_[target].evictions += evicted;
+        }
+    }
+}
+
+layer_stats prefetcher::layer_counters(int32_t il) const {
+    std::lock_guard<std::mutex> lock(counters_mutex_);
+    return counters_[il];
+}
+
+void prefetcher::reset_counters() {
+    std::lock_guard<std::mutex> lock(counters_mutex_);
+    counters_.assign(counters_.size(), layer_stats{});
+}
+
 }  // namespace pymoe

@@ -2,6 +2,7 @@
 // background while the current layer computes.
 #pragma once
 
+#include "pymoe-expert-cache.h"
 #include "pymoe-expert-store.h"
 
 #include <atomic>
@@ -118,6 +119,69 @@ class async_loader {
     std::atomic<uint64_t>   busy_ns_{ 0 };
     std::string             error_;
     std::thread             thread_;  // last: it starts running loop(), which uses every member above
+};
+
+// Prefetching as the engine runs it: the predictor, the background loader, the
+// loads in flight and what the predictions got right. The engine calls it
+// twice per MoE layer and step: before planning (score the predictions made for
+// this layer, wait for its experts still being loaded) and after (predict the
+// next layers and start their loads).
+class prefetcher {
+  public:
+    // where predicted experts go: the high-precision cache, and with a sidecar the
+    // low-precision one (a prediction weighing less than lo_threshold goes there)
+    struct targets {
+        expert_cache * hi       = nullptr;
+        expert_store * hi_store = nullptr;
+        expert_cache * lo       = nullptr;
+        expert_store * lo_store = nullptr;
+        float          lo_threshold = 0.0f;
+    };
+
+    prefetcher(int32_t n_layer, int64_t n_embd, int32_t n_expert_used, int io_threads, int32_t depth,
+               int32_t max_tokens, const targets & t);
+    ~prefetcher();  // joins the loader (it writes into the caches' slots)
+
+    router_predictor & predictor() { return predictor_; }
+
+    // Before layer il's plan: counts the predictions made for il that were chosen
+    // (`chosen`: the step's distinct experts) and waits for background loads of
+    // those still in flight (the wait is exposed time); failed loads free their slots.
+    void before_plan(int32_t il, const std::vector<int32_t> & chosen, layer_stats & ls);
+
+    // After layer il's plan: predicts layers il+1 .. il+depth from x [n_tokens,
+    // n_embd] (layer il's expert input) and loads predicted experts that have no
+    // slot into slots the running step does not use (pinned until loaded).
+    void after_plan(int32_t il, const float * x, int64_t n_tokens, uint64_t step);
+
+    // the background loads, evictions and bytes this prefetcher caused, per layer
+    // (only the prefetch_* and evictions counters are set)
+    layer_stats layer_counters(int32_t il) const;
+    void        reset_counters();
+    double      busy_seconds() const { return loader_.busy_seconds(); }
+    std::string take_error() { return loader_.take_error(); }
+
+  private:
+    void settle();  // completed loads become ordinary cached experts
+
+    struct inflight {
+        expert_cache *     cache;
+        int32_t            il;
+        int32_t            e;
+        async_loader::flag done;
+    };
+
+    int32_t                           n_expert_used_;
+    int32_t                           depth_;
+    int32_t                           max_tokens_;
+    targets                           t_;
+    router_predictor                  predictor_;
+    std::vector<inflight>             inflight_;
+    std::vector<std::vector<int32_t>> predicted_;  // [n_layer] experts predicted for the layer's next step
+    std::vector<predicted_expert>     pred_;       // scratch
+    mutable std::mutex                counters_mutex_;
+    std::vector<layer_stats>          counters_;   // [n_layer]
+    async_loader                      loader_;     // last: destroyed (joined) first
 };
 
 }  // namespace pymoe

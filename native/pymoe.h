@@ -9,11 +9,13 @@
 //
 // The expert-offload engine (internal headers, included by the engine files only):
 //   pymoe-expert-store.*  where each expert's bytes live (file offsets, mapped host tensors) and reading them
-//   pymoe-policy.*        eviction policies: LRU, LFU, static hot set (pure functions)
+//   pymoe-policy.*        eviction policies: LRU, LFU, multidim, static hot set (pure functions)
 //   pymoe-expert-cache.*  slot pools in the fast tier, the (layer, expert) -> slot map, a byte budget
-//   pymoe-planner.*       the per-layer plan: hit / load into a slot / run from the model's tensors
+//   pymoe-planner.*       the per-layer plan: hit / load into a slot / run from the model's tensors (pure)
+//   pymoe-prefetch.*      predicting the next layers' experts, background loads, what predictions got right
 //   pymoe-engine.*        ties them together per MoE layer at the router's sync point; stats
 //   pymoe-hook.cpp        the llama_moe_hook that builds the expert branches (the only file with llama internals)
+//   pymoe-simulator.*     routing traces through the same cache, policies and planner, with a modelled link
 //
 // Errors are thrown as std::runtime_error / std::invalid_argument with a message
 // that names the object and ends with what the user can do ("hint: ...").
