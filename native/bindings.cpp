@@ -109,7 +109,10 @@ py::dict offload_stats_to_py(const pymoe::offload_stats & s) {
                     py::arg("layers") = layers, py::arg("expert_pairs") = pairs,
                     py::arg("pool_bytes_lo") = s.pool_bytes_lo, py::arg("n_slots_lo") = s.n_slots_lo,
                     py::arg("lo_threshold") = s.lo_threshold, py::arg("prefetch") = s.prefetch,
-                    py::arg("prefetch_busy_seconds") = s.prefetch_busy_seconds);
+                    py::arg("prefetch_busy_seconds") = s.prefetch_busy_seconds,
+                    py::arg("direct_bandwidth") = s.direct_bandwidth, py::arg("cpu_flops") = s.cpu_flops,
+                    py::arg("device_flops") = s.device_flops, py::arg("offload_min_batch") = s.offload_min_batch,
+                    py::arg("token_seconds") = s.token_seconds, py::arg("pools_by_buffer") = s.pools_by_buffer);
 }
 
 py::array_t<float> decode(py_model & self, const i32_array & tokens, const i32_array & pos, const i32_array & seq,
@@ -142,7 +145,7 @@ PYBIND11_MODULE(_core, mod) {
 
     mod.def("llama_commit", &pymoe::llama_commit, "The pinned upstream llama.cpp commit this build uses.");
     mod.def("system_info", &pymoe::system_info, "llama.cpp's CPU/backend feature line.");
-    mod.def("supports_gpu_offload", &llama_supports_gpu_offload);
+    mod.def("supports_gpu_offload", &pymoe::has_local_gpu, "Whether this machine has a GPU this build can use.");
     mod.def("set_log_level", &pymoe::log_set_level, py::arg("min_level"),
             "Forward llama.cpp/ggml log lines of at least this level to stderr (1 debug, 2 info, 3 warn, 4 error; "
             "a larger value silences them).");
@@ -320,7 +323,7 @@ PYBIND11_MODULE(_core, mod) {
                          uint64_t budget, double lo_share, float lo_threshold, const std::string & policy,
                          const std::tuple<double, double, double> & weights, bool per_layer, bool assist,
                          double link_bw, double direct_bw, double fast_flops, double slow_flops, double reuse,
-                         double flops_per_token, double layer_seconds) {
+                         double flops_per_token, double layer_seconds, bool admission) {
                  pymoe::sim_params p;
                  p.n_layer         = n_layer;
                  p.n_expert        = n_expert;
@@ -336,6 +339,7 @@ PYBIND11_MODULE(_core, mod) {
                  p.cost            = { link_bw, direct_bw, fast_flops, slow_flops, reuse };
                  p.flops_per_token = flops_per_token;
                  p.layer_seconds   = layer_seconds;
+                 p.admission       = admission;
                  return std::make_unique<pymoe::cache_simulator>(p);
              }),
              py::arg("n_layer"), py::arg("n_expert"), py::arg("expert_bytes"), py::arg("expert_bytes_lo") = 0,
@@ -343,7 +347,8 @@ PYBIND11_MODULE(_core, mod) {
              py::arg("policy") = "lru", py::arg("weights") = std::make_tuple(1.0, 1.0, 1.0),
              py::arg("per_layer") = true, py::arg("assist") = true, py::arg("link_bw") = 0.0,
              py::arg("direct_bw") = 0.0, py::arg("fast_flops") = 0.0, py::arg("slow_flops") = 0.0,
-             py::arg("reuse") = 1.0, py::arg("flops_per_token") = 0.0, py::arg("layer_seconds") = 0.0)
+             py::arg("reuse") = 1.0, py::arg("flops_per_token") = 0.0, py::arg("layer_seconds") = 0.0,
+             py::arg("admission") = true)
         .def(
             "run",
             [](pymoe::cache_simulator & self, const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & ids,
@@ -372,7 +377,9 @@ PYBIND11_MODULE(_core, mod) {
                             py::arg("evictions") = r.evictions, py::arg("upgrades") = r.upgrades,
                             py::arg("lo_pairs") = r.lo_pairs, py::arg("bytes_moved") = r.bytes_moved,
                             py::arg("seconds") = r.seconds, py::arg("n_slots") = r.n_slots,
-                            py::arg("n_slots_lo") = r.n_slots_lo);
+                            py::arg("n_slots_lo") = r.n_slots_lo, py::arg("admissions") = r.admissions,
+                            py::arg("bytes_admitted") = r.bytes_admitted,
+                            py::arg("link_busy_seconds") = r.link_busy_seconds);
         });
 
     // --- settings: the C++ structs, bound once; their defaults are the only ones (pymoe.Settings reads them)
@@ -396,6 +403,7 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("prefetch", &pymoe::offload_params::prefetch)
         .def_readwrite("prefetch_depth", &pymoe::offload_params::prefetch_depth)
         .def_readwrite("prefetch_max_tokens", &pymoe::offload_params::prefetch_max_tokens)
+        .def_readwrite("admission", &pymoe::offload_params::admission)
         .def_readwrite("replay", &pymoe::offload_params::replay)
         .def_readwrite("replay_weights", &pymoe::offload_params::replay_weights);
     py::class_<pymoe::model_params>(mod, "ModelParams", "How a model is loaded (pymoe.h).")
@@ -411,6 +419,7 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("flash_attn", &pymoe::model_params::flash_attn)
         .def_readwrite("repack", &pymoe::model_params::repack)
         .def_readwrite("cache_type", &pymoe::model_params::cache_type)
+        .def_readwrite("rpc", &pymoe::model_params::rpc)
         .def_readwrite("offload", &pymoe::model_params::offload);
     mod.def(
         "layer_counters",
@@ -422,6 +431,34 @@ PYBIND11_MODULE(_core, mod) {
             return out;
         },
         "The engine's per-layer counters: [(name, C type, meaning)], in the order of pymoe.h's table.");
+    // --- devices
+    mod.def(
+        "devices",
+        [] {
+            py::list out;
+            for (const auto & d : pymoe::list_devices()) {
+                out.append(py::dict(py::arg("name") = d.name, py::arg("description") = d.description,
+                                    py::arg("type") = d.type, py::arg("free") = d.free, py::arg("total") = d.total,
+                                    py::arg("endpoint") = d.endpoint, py::arg("host_buffer") = d.host_buffer));
+            }
+            return out;
+        },
+        "The devices this build can use: local backends, and RPC servers connected so far.");
+    mod.def(
+        "connect_rpc",
+        [](const std::vector<std::string> & endpoints) {
+            py::gil_scoped_release release;
+            return pymoe::rpc_devices(endpoints).size();
+        },
+        py::arg("endpoints"), "Connects to ggml RPC servers (HOST:PORT); returns how many devices they offer.");
+    mod.def(
+        "rpc_serve",
+        [](const std::string & host, int32_t port, int32_t n_threads) {
+            py::gil_scoped_release release;
+            pymoe::rpc_serve(host, port, n_threads);
+        },
+        py::arg("host"), py::arg("port"), py::arg("n_threads") = 0,
+        "Serves this build's CPU backend as a ggml RPC device; blocks while it serves.");
     mod.def("default_n_ctx", &pymoe::default_n_ctx, py::arg("n_ctx_train"),
             "The context length a model gets when none is asked for.");
 

@@ -17,8 +17,6 @@ llama_moe_hook * make_moe_hook(engine & eng);  // pymoe-hook.cpp
 
 namespace {
 
-using clock_type = std::chrono::steady_clock;
-
 double seconds_since(clock_type::time_point t0) {
     return std::chrono::duration<double>(clock_type::now() - t0).count();
 }
@@ -48,13 +46,16 @@ void check_sidecar_layout(const expert_store & main, const expert_store & lo) {
 }  // namespace
 
 engine::engine(const std::string & path, const offload_params & params, int32_t n_layer, int32_t n_expert,
-               int32_t n_expert_used, int64_t n_embd, int32_t n_tokens_max, ggml_backend_buffer_type_t buft_fast)
+               int32_t n_expert_used, int64_t n_embd, int32_t n_tokens_max, int32_t n_threads,
+               const std::vector<ggml_backend_dev_t> & layer_dev)
     : params_(params),
       n_layer_(n_layer),
       n_expert_(n_expert),
       n_expert_used_(n_expert_used),
       n_embd_(n_embd),
-      n_tokens_max_(n_tokens_max) {
+      n_tokens_max_(n_tokens_max),
+      n_threads_(std::max(1, n_threads)),
+      planner_(n_expert) {
     if (n_expert <= 0 || n_expert_used <= 0) {
         throw std::invalid_argument("'" + path +
                                     "' has no routed experts; hint: offloading is for MoE models, turn it off");
@@ -66,6 +67,12 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
         throw std::invalid_argument("lo_share must be in [0, 1] and lo_threshold >= 0");
     }
     release_direct_ = params.tier == "disk";
+    if (layer_dev.size() != (size_t) n_layer) {
+        throw std::logic_error("engine: one device per layer");
+    }
+    for (ggml_backend_dev_t dev : layer_dev) {
+        layer_buft_.push_back(dev ? ggml_backend_dev_buffer_type(dev) : ggml_backend_cpu_buffer_type());
+    }
     store_ = std::make_unique<expert_store>(path, n_layer, n_expert, params.direct_io, params.io_threads,
                                             params.tier == "host");
     const multidim_weights mw{ params.w_recency, params.w_frequency, params.w_precision };
@@ -76,48 +83,102 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
         check_sidecar_layout(*store_, *store_lo_);
         const uint64_t budget_lo = (uint64_t) (params.lo_share * (double) params.budget);
         budget_hi -= budget_lo;
-        cache_lo_ = std::make_unique<expert_cache>(store_lo_->layers(), n_expert, budget_lo, buft_fast,
+        cache_lo_ = std::make_unique<expert_cache>(store_lo_->layers(), n_expert, budget_lo, layer_buft_,
                                                    make_eviction_policy(params.policy, mw), params.profile, true,
                                                    params.per_layer);
     }
-    cache_ = std::make_unique<expert_cache>(store_->layers(), n_expert, budget_hi, buft_fast,
+    cache_ = std::make_unique<expert_cache>(store_->layers(), n_expert, budget_hi, layer_buft_,
                                             make_eviction_policy(params.policy, mw), params.profile, true,
                                             params.per_layer);
+    // admission weighs what was used over the last ~32 tokens
+    cache_->set_half_life(32.0 * n_layer);
+    for (int32_t il = 0; il < n_layer; ++il) {
+        device_pools_ |= cache_->class_of(il) >= 0 && !cache_->cls(cache_->class_of(il)).host;
+    }
+    // an upload stream per device holding pools: the engine's own backend
+    // instance of it (background uploads, and the calibration of link and device)
+    std::vector<ggml_backend_buffer_type_t> seen;
+    for (int32_t il = 0; il < n_layer && device_pools_; ++il) {
+        ggml_backend_buffer_type_t buft = layer_buft_[il];
+        if (!layer_dev[il] || std::find(seen.begin(), seen.end(), buft) != seen.end()) {
+            continue;
+        }
+        seen.push_back(buft);
+        ggml_backend_ptr backend(ggml_backend_dev_init(layer_dev[il], nullptr));
+        if (!backend) {
+            throw std::runtime_error(std::string("cannot start an upload stream on ") +
+                                     ggml_backend_dev_name(layer_dev[il]));
+        }
+        upload_backends_.push_back(std::move(backend));
+    }
+    if (params.prefetch || (params.admission && device_pools_)) {
+        loader_ = std::make_unique<async_loader>(std::max(1, params.io_threads / 2));
+        for (const auto & b : upload_backends_) {
+            loader_->add_upload_backend(ggml_backend_get_default_buffer_type(b.get()), b.get());
+        }
+    }
     if (params.prefetch) {
         prefetcher::targets t{ cache_.get(), store_.get(), cache_lo_.get(), store_lo_.get(),
                                cache_lo_ ? params.lo_threshold : 0.0f };
-        prefetcher_ = std::make_unique<prefetcher>(n_layer, n_embd, n_expert_used, std::max(1, params.io_threads / 2),
+        prefetcher_ = std::make_unique<prefetcher>(n_layer, n_embd, n_expert_used, *loader_, pending_,
                                                    params.prefetch_depth, params.prefetch_max_tokens, t);
     }
+    flops_per_token_.assign((size_t) n_layer, 0.0);
+    for (const auto & l : store_->layers()) {
+        if (l.il < 0) {
+            continue;
+        }
+        first_moe_layer_ = first_moe_layer_ < 0 ? l.il : first_moe_layer_;
+        for (const auto & p : l.projs) {
+            flops_per_token_[(size_t) l.il] += 2.0 * (double) p.ne[0] * (double) p.ne[1];
+        }
+    }
+    expert_tensors_.assign((size_t) n_layer, {});
     hook_.reset(make_moe_hook(*this));
 
     // persistent id tensors: written by on_route, read by the layer's matmuls
     // (not graph inputs: the scheduler copies inputs before a split starts,
-    // which is before the callback has written them)
-    const size_t     n_tensors = (size_t) n_layer * 5;
-    ggml_init_params ip        = { ggml_tensor_overhead() * (n_tensors + 1), nullptr, true };
-    ids_ctx_.reset(ggml_init(ip));
+    // which is before the callback has written them). The pool branches' ids
+    // live where the pools do, packed into one tensor per layer; the direct
+    // branch's in host memory, where the CPU reads them.
+    const int32_t n_branches = cache_lo_ ? 4 : 2;
+    std::vector<ggml_backend_buffer_type_t> bufts;
+    auto ctx_for = [&](ggml_backend_buffer_type_t buft) {
+        const size_t i = (size_t) (std::find(bufts.begin(), bufts.end(), buft) - bufts.begin());
+        if (i == bufts.size()) {
+            bufts.push_back(buft);
+            ggml_init_params ip = { ggml_tensor_overhead() * (2 * (size_t) n_layer + 1), nullptr, true };
+            ids_ctx_.emplace_back(ggml_init(ip));
+        }
+        return ids_ctx_[i].get();
+    };
     plan_tensors_.resize((size_t) n_layer);
     for (int32_t il = 0; il < n_layer; ++il) {
         if (!store_->layer(il)) {
             continue;
         }
-        auto make = [&](const char * what) {
-            // [n_used, n_tokens_max]
-            ggml_tensor * t = ggml_new_tensor_2d(ids_ctx_.get(), GGML_TYPE_I32, n_expert_used, n_tokens_max);
-            ggml_format_name(t, "pymoe_%s-%d", what, il);
+        layer_plan_tensors & pt = plan_tensors_[il];
+        pt.n_branches           = n_branches;
+        // [n_used * n_branches, n_tokens_max]
+        pt.ids_dev = ggml_new_tensor_2d(ctx_for(layer_buft_[il]), GGML_TYPE_I32, (int64_t) n_expert_used * n_branches,
+                                        n_tokens_max);
+        // [n_used, n_tokens_max]
+        pt.ids_direct = ggml_new_tensor_2d(ctx_for(ggml_backend_cpu_buffer_type()), GGML_TYPE_I32, n_expert_used,
+                                           n_tokens_max);
+        ggml_format_name(pt.ids_dev, "pymoe_ids_pool-%d", il);
+        ggml_format_name(pt.ids_direct, "pymoe_ids_direct-%d", il);
+        for (ggml_tensor * t : { pt.ids_dev, pt.ids_direct }) {
             t->flags |= GGML_TENSOR_FLAG_SKIP_IDS;  // -1 skips a pair: backends take their skip-aware path
-            return t;
-        };
-        plan_tensors_[il] = { make("ids_pool"), make("ids_pool_b"), make("ids_lo"), make("ids_lo_b"),
-                              make("ids_direct") };
+        }
     }
-    // the fast tier is host memory here (the CPU backend reads the ids)
-    ids_buf_.reset(ggml_backend_alloc_ctx_tensors_from_buft(ids_ctx_.get(), ggml_backend_cpu_buffer_type()));
-    if (!ids_buf_) {
-        throw std::runtime_error("cannot allocate the expert plan tensors");
+    for (size_t i = 0; i < bufts.size(); ++i) {
+        ids_buf_.emplace_back(ggml_backend_alloc_ctx_tensors_from_buft(ids_ctx_[i].get(), bufts[i]));
+        if (!ids_buf_.back()) {
+            throw std::runtime_error(std::string("cannot allocate the expert plan tensors in ") +
+                                     ggml_backend_buft_name(bufts[i]));
+        }
+        ggml_backend_buffer_clear(ids_buf_.back().get(), 0xFF);  // -1 everywhere until a plan is written
     }
-    ggml_backend_buffer_clear(ids_buf_.get(), 0xFF);  // -1 everywhere until a plan is written
 
     if (!params.replay.empty()) {
         const size_t row = (size_t) n_layer * (size_t) n_expert_used;
@@ -139,25 +200,17 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
     }
     route_.assign((size_t) n_layer, layer_route_tensors{});
     layer_stats_.assign((size_t) n_layer, layer_stats{});
-    count_.assign((size_t) n_expert, 0);
-    wmax_.assign((size_t) n_expert, 0.0f);
-    hi_pairs_.assign((size_t) n_expert, 0);
-    action_of_.assign((size_t) n_expert, -1);
-    slot_of_.assign((size_t) n_expert, -1);
 }
 
 engine::~engine() {
-    prefetcher_.reset();  // joins the background loader before the pools go
+    prefetcher_.reset();
+    loader_.reset();  // finishes its upload and joins before the pools and upload streams go
     release_direct();
 }
 
 void engine::start() {
     started_ = true;
-    // the cost model, measured: a disk-tier load reads the file, and so does the
-    // direct branch (through the mapping); a host-tier load copies in memory and
-    // the direct branch reads the weights in place; both compute on the CPU
-    cost_.read_bw   = store_->measure_read_bandwidth(std::min<uint64_t>(64ull << 20, store_->total_expert_bytes()));
-    cost_.direct_bw = release_direct_ ? cost_.read_bw : 0.0;
+    calibrate();  // pymoe-calibrate.cpp
     reuse_.set_share(store_->total_expert_bytes()
                          ? (double) cache_->allocated_bytes() / (double) store_->total_expert_bytes() : 0.0);
 
@@ -170,7 +223,14 @@ void engine::start() {
                 jobs.push_back({ il, e, cache_->slot_dst(cache_->class_of(il), slot, *store_->layer(il)) });
             }
         }
-        store_->read_experts(jobs);
+        try {
+            store_->read_experts(jobs);
+        } catch (...) {
+            for (const auto & j : jobs) {  // nothing usable in them: not a hot set
+                cache_->release(j.il, j.e);
+            }
+            throw;
+        }
     }
 }
 
@@ -191,6 +251,7 @@ void engine::on_layer_built(const built_layer & v) {
     GGML_ASSERT(el);
     for (const auto & p : el->projs) {
         store_->set_host(v.il, p.kind, v.expert_data[p.kind]);
+        expert_tensors_[(size_t) v.il][p.kind] = v.expert_tensors[p.kind];
     }
     route_[v.il] = v.route;
     ggml_format_name(v.route.weights, "%s%d", k_route_prefix, v.il);
@@ -261,9 +322,22 @@ void engine::read_input(const ggml_tensor * t, std::vector<float> & out) const {
     }
 }
 
-void engine::write_ids(ggml_tensor * t, const std::vector<int32_t> & ids, int64_t n) const {
-    // the graph reads a contiguous prefix view [n_used, n_tokens] of t
-    ggml_backend_tensor_set(t, ids.data(), 0, (size_t) n * sizeof(int32_t));
+void engine::write_plan(int32_t il, int64_t n_pairs) {
+    // one write per tensor: the graph reads contiguous prefix views of both
+    const layer_plan_tensors & pt     = plan_tensors_[il];
+    const int64_t              n_used = pt.ids_direct->ne[0];
+    const int64_t              n_tok  = n_pairs / n_used;
+    const int32_t *            src[PLAN_DEV_COUNT] = { ids_pool_.data(), ids_pool_b_.data(), ids_lo_.data(),
+                                                       ids_lo_b_.data() };
+    packed_.resize((size_t) (n_pairs * pt.n_branches));
+    for (int64_t t = 0; t < n_tok; ++t) {
+        for (int32_t b = 0; b < pt.n_branches; ++b) {
+            std::memcpy(packed_.data() + (t * pt.n_branches + b) * n_used, src[b] + t * n_used,
+                        (size_t) n_used * sizeof(int32_t));
+        }
+    }
+    ggml_backend_tensor_set(pt.ids_dev, packed_.data(), 0, packed_.size() * sizeof(int32_t));
+    ggml_backend_tensor_set(pt.ids_direct, ids_direct_.data(), 0, (size_t) n_pairs * sizeof(int32_t));
 }
 
 void engine::release_direct() {
@@ -303,6 +377,15 @@ void engine::on_route(int32_t il) {
     const int64_t  n_tokens = rt.selected->ne[1];
     const int64_t  n_pairs  = n_used * n_tokens;
     const uint64_t step     = ++step_;
+    if (il == first_moe_layer_) {
+        // a decode token's time (first MoE layer to first MoE layer): how far
+        // background admission may run ahead of the compute
+        if (n_tokens <= params_.prefetch_max_tokens && last_first_step_ != clock_type::time_point{}) {
+            const double dt = seconds_since(last_first_step_);
+            token_seconds_  = token_seconds_ > 0 ? 0.8 * token_seconds_ + 0.2 * dt : dt;
+        }
+        last_first_step_ = n_tokens <= params_.prefetch_max_tokens ? t0 : clock_type::time_point{};
+    }
 
     layer_stats ls;
     double      load_seconds = 0.0;
@@ -331,7 +414,9 @@ void engine::on_route(int32_t il) {
         if (prefetcher_ && rt.input && n_tokens <= params_.prefetch_max_tokens) {
             read_input(rt.input, x_);
             prefetcher_->after_plan(il, x_.data(), n_tokens, step);
-            const std::string e = prefetcher_->take_error();
+        }
+        if (loader_) {
+            const std::string e = loader_->take_error();
             if (!e.empty() && error_.empty()) {
                 error_ = e;
             }
@@ -355,24 +440,7 @@ void engine::on_route(int32_t il) {
         ls              = layer_stats{};
         ls.direct_pairs = (uint64_t) n_pairs;
     }
-    const layer_plan_tensors & pt = plan_tensors_[il];
-    write_ids(pt.ids_pool, ids_pool_, n_pairs);
-    write_ids(pt.ids_pool_b, ids_pool_b_, n_pairs);
-    write_ids(pt.ids_lo, ids_lo_, n_pairs);
-    write_ids(pt.ids_lo_b, ids_lo_b_, n_pairs);
-    write_ids(pt.ids_direct, ids_direct_, n_pairs);
-
-    // reset the per-step scratch
-    for (int64_t p = 0; p < n_pairs && p < (int64_t) sel_.size(); ++p) {
-        const int32_t e = sel_[p];
-        if (e >= 0 && e < n_expert_) {
-            count_[e]     = 0;
-            wmax_[e]      = 0.0f;
-            hi_pairs_[e]  = 0;
-            action_of_[e] = -1;
-            slot_of_[e]   = -1;
-        }
-    }
+    write_plan(il, n_pairs);
 
     ls.steps        = 1;
     ls.pairs        = (uint64_t) n_pairs;
@@ -382,142 +450,130 @@ void engine::on_route(int32_t il) {
     layer_stats_[il] += ls;
 }
 
+bool engine::admission_active(int64_t n_tokens) const {
+    // decode with slots on a device; a prefill ubatch loads in the foreground when that wins
+    return loader_ && params_.admission && params_.cpu_assist && device_pools_ &&
+           n_tokens <= params_.prefetch_max_tokens;
+}
+
+uint64_t engine::admission_budget(int64_t n_tokens) const {
+    // background admission fills device slots while the link is idle: at most
+    // what the link moves in one token's time may be queued
+    if (!admission_active(n_tokens)) {
+        return 0;
+    }
+    const double   horizon = token_seconds_ > 0 ? token_seconds_ : 0.05;
+    const uint64_t ahead   = cost_.read_bw > 0 ? (uint64_t) (horizon * cost_.read_bw) : UINT64_MAX;
+    const uint64_t queued  = loader_->pending_bytes();
+    return ahead > queued ? ahead - queued : 0;
+}
+
 void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t step, layer_stats & ls,
                        double & load_seconds) {
     const int64_t        n_pairs = n_used * n_tokens;
     const expert_layer & layer   = *store_->layer(il);
-    const float          thr     = cache_lo_ ? params_.lo_threshold : 0.0f;
 
-    // the distinct experts of this step, with their token count and largest weight
-    std::vector<planned_expert> experts;
-    for (int64_t p = 0; p < n_pairs; ++p) {
-        const int32_t e = sel_[p];
-        if (e < 0 || e >= n_expert_) {
-            throw std::runtime_error("router chose expert " + std::to_string(e) + " in layer " + std::to_string(il));
-        }
-        if (count_[e]++ == 0) {
-            experts.push_back({ e, 0, 0.0f, false, false });
-        }
-        const float w = p < (int64_t) w_.size() ? w_[p] : 0.0f;
-        wmax_[e]      = std::max(wmax_[e], w);
-        hi_pairs_[e] += w >= thr;
+    if (loader_) {
+        pending_.settle();  // background loads that completed are hits from now on
     }
-
-    // what the predictions made for this layer got right; their loads must have landed
     if (prefetcher_) {
+        // what the predictions made for this layer got right; their loads must have landed
         chosen_.clear();
-        for (const auto & x : experts) {
-            chosen_.push_back(x.expert);
+        for (int64_t p = 0; p < n_pairs; ++p) {
+            if (sel_[p] >= 0 && sel_[p] < n_expert_ && std::find(chosen_.begin(), chosen_.end(), sel_[p]) == chosen_.end()) {
+                chosen_.push_back(sel_[p]);
+            }
         }
         prefetcher_->before_plan(il, chosen_, ls);
     }
 
-    const int32_t c       = cache_->class_of(il);
-    const int32_t c_lo    = cache_lo_ ? cache_lo_->class_of(il) : -1;
-    const int32_t n_slots = c >= 0 ? cache_->cls(c).n_slots : 0;
-    const int32_t n_lo    = c_lo >= 0 ? cache_lo_->cls(c_lo).n_slots : 0;
-    int32_t       hits = 0, hits_lo = 0;
-    for (auto & x : experts) {
-        x.n_tokens  = count_[x.expert];
-        x.weight    = wmax_[x.expert];
-        x.cached    = cache_->lookup(il, x.expert) >= 0;
-        x.cached_lo = cache_lo_ && cache_lo_->lookup(il, x.expert) >= 0;
-        hits += x.cached;
-        hits_lo += x.cached_lo;
-        cache_->count(il, x.expert, (uint64_t) x.n_tokens, (uint64_t) hi_pairs_[x.expert]);
-        if (cache_lo_) {
-            cache_lo_->count(il, x.expert, (uint64_t) x.n_tokens, (uint64_t) hi_pairs_[x.expert]);
-        }
-    }
+    step_config cfg;
+    cfg.admit           = cache_->policy().admits_on_miss();
+    cfg.assist          = params_.cpu_assist;
+    cfg.lo_threshold    = cache_lo_ ? params_.lo_threshold : 0.0f;
+    cfg.expert_bytes    = layer.expert_bytes;
+    cfg.expert_bytes_lo = cache_lo_ ? store_lo_->layer(il)->expert_bytes : 0;
+    cfg.flops_per_token = flops_per_token_[(size_t) il];
+    cfg.cost            = cost_;
+    // with background admission a miss is served where it is cheapest now:
+    // filling the cache for later steps happens off the critical path
+    cfg.cost.reuse      = admission_active(n_tokens) ? 1.0 : reuse_.estimate();
+    cfg.admit_bytes     = admission_budget(n_tokens);
+    const step_plan & plan =
+        planner_.plan(il, sel_.data(), w_.data(), n_tokens, n_used, *cache_, cache_lo_.get(), step, cfg);
 
-    plan_request req;
-    req.experts         = experts;
-    req.capacity        = n_slots - hits;
-    req.capacity_lo     = n_lo - hits_lo;
-    req.admit           = cache_->policy().admits_on_miss();
-    req.assist          = params_.cpu_assist;
-    req.lo_threshold    = thr;
-    req.expert_bytes    = layer.expert_bytes;
-    req.expert_bytes_lo = cache_lo_ ? store_lo_->layer(il)->expert_bytes : 0;
-    req.cost            = cost_;
-    req.cost.reuse      = reuse_.estimate();
-    const std::vector<expert_action> actions = plan_layer(req);
-
-    // pin what the step uses before any load chooses a victim
-    for (size_t i = 0; i < experts.size(); ++i) {
-        if (actions[i] == ACTION_HIT) {
-            cache_->touch(il, experts[i].expert, step);
-        } else if (actions[i] == ACTION_HIT_LO) {
-            cache_lo_->touch(il, experts[i].expert, step);
-        }
-    }
     std::vector<expert_store::read_job> jobs, jobs_lo;
-    for (size_t i = 0; i < experts.size(); ++i) {
-        const int32_t e    = experts[i].expert;
-        expert_action a    = actions[i];
-        int32_t       slot = -1;
-        bool          evicted = false;
-        switch (a) {
+    uint64_t                            step_hits = 0, step_loads = 0;
+    for (size_t i = 0; i < plan.experts.size(); ++i) {
+        const int32_t e = plan.experts[i].expert;
+        switch (plan.actions[i]) {
             case ACTION_HIT:
-                slot = cache_->lookup(il, e);
                 ++ls.hits;
                 break;
             case ACTION_HIT_LO:
-                slot = cache_lo_->lookup(il, e);
                 ++ls.hits_lo;
                 break;
             case ACTION_LOAD:
-                slot = cache_->assign(il, e, step, &evicted);
-                if (slot >= 0) {
-                    jobs.push_back({ il, e, cache_->slot_dst(c, slot, layer) });
-                    ++ls.loads;
-                    ls.evictions += evicted;
-                    ls.bytes_loaded += layer.expert_bytes;
-                    if (experts[i].cached_lo) {  // an important expert held only in low precision
-                        cache_lo_->release(il, e);
-                        ++ls.upgrades;
-                    }
-                } else {
-                    a = ACTION_DIRECT;
-                }
+                jobs.push_back({ il, e, cache_->slot_dst(cache_->class_of(il), plan.slots[i], layer) });
+                ++ls.loads;
+                ls.bytes_loaded += layer.expert_bytes;
                 break;
             case ACTION_LOAD_LO:
-                slot = cache_lo_->assign(il, e, step, &evicted);
-                if (slot >= 0) {
-                    jobs_lo.push_back({ il, e, cache_lo_->slot_dst(c_lo, slot, *store_lo_->layer(il)) });
+                {
+                    const expert_layer & lo = *store_lo_->layer(il);
+                    jobs_lo.push_back({ il, e, cache_lo_->slot_dst(cache_lo_->class_of(il), plan.slots[i], lo) });
                     ++ls.loads_lo;
-                    ls.evictions += evicted;
-                    ls.bytes_loaded_lo += store_lo_->layer(il)->expert_bytes;
-                } else {
-                    a = ACTION_DIRECT;
+                    ls.bytes_loaded_lo += lo.expert_bytes;
                 }
                 break;
             default:
+                ++ls.direct;
+                ls.bytes_direct += layer.expert_bytes;
+                if (release_direct_) {
+                    store_->advise_willneed(il, e);
+                }
+                pending_release_.emplace_back(il, e);
                 break;
         }
-        if (a != ACTION_HIT && a != ACTION_HIT_LO) {
-            ++ls.misses;
-        }
-        if (a == ACTION_DIRECT) {
-            ++ls.direct;
-            ls.bytes_direct += layer.expert_bytes;
-            if (release_direct_) {
-                store_->advise_willneed(il, e);
-            }
-            pending_release_.emplace_back(il, e);
-        }
-        action_of_[e] = a;
-        slot_of_[e]   = slot;
+        const bool hit = plan.actions[i] == ACTION_HIT || plan.actions[i] == ACTION_HIT_LO;
+        ls.misses += !hit;
+        step_hits += hit;
+        step_loads += plan.actions[i] == ACTION_LOAD || plan.actions[i] == ACTION_LOAD_LO;
     }
+    ls.evictions += plan.evictions;
+    ls.upgrades += plan.upgrades;
+    reuse_.observe(step_hits, step_loads);
 
-    reuse_.observe(ls.hits + ls.hits_lo, ls.loads + ls.loads_lo);
     if (!jobs.empty() || !jobs_lo.empty()) {
         const auto t1 = clock_type::now();
-        store_->read_experts(jobs);
-        if (!jobs_lo.empty()) {
-            store_lo_->read_experts(jobs_lo);
+        try {
+            store_->read_experts(jobs);
+            if (!jobs_lo.empty()) {
+                store_lo_->read_experts(jobs_lo);
+            }
+        } catch (...) {
+            // the slots hold nothing usable: free them, or a later step would
+            // count them as hits and compute from whatever is in them
+            for (const auto & j : jobs) {
+                cache_->release(j.il, j.e);
+            }
+            for (const auto & j : jobs_lo) {
+                cache_lo_->release(j.il, j.e);
+            }
+            throw;
         }
         load_seconds = seconds_since(t1);
+    }
+
+    // background admission: uploads that become hits once they have landed
+    for (size_t k = 0; k < plan.admitted.size(); ++k) {
+        const int32_t e    = plan.experts[(size_t) plan.admitted[k]].expert;
+        auto          done = loader_->submit(
+            *store_, { il, e, cache_->slot_dst(cache_->class_of(il), plan.admitted_slots[k], layer) },
+            layer.expert_bytes);
+        pending_.add(*cache_, il, e, std::move(done));
+        ++ls.admissions;
+        ls.bytes_admitted += layer.expert_bytes;
     }
 
     ids_pool_.resize((size_t) n_pairs);
@@ -526,15 +582,15 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
     ids_lo_b_.resize((size_t) n_pairs);
     ids_direct_.resize((size_t) n_pairs);
     for (int64_t p = 0; p < n_pairs; ++p) {
-        const int32_t e  = sel_[p];
-        const int     a  = action_of_[e];
-        const bool    hi = a == ACTION_HIT || a == ACTION_LOAD;
-        const bool    lo = a == ACTION_HIT_LO || a == ACTION_LOAD_LO;
-        ids_pool_[p]     = hi ? slot_of_[e] : -1;
-        ids_pool_b_[p]   = hi ? e : -1;
-        ids_lo_[p]       = lo ? slot_of_[e] : -1;
-        ids_lo_b_[p]     = lo ? e : -1;
-        ids_direct_[p]   = hi || lo ? -1 : e;
+        const int32_t       e  = sel_[p];
+        const expert_action a  = planner_.action_of(e);
+        const bool          hi = a == ACTION_HIT || a == ACTION_LOAD;
+        const bool          lo = a == ACTION_HIT_LO || a == ACTION_LOAD_LO;
+        ids_pool_[p]           = hi ? planner_.slot_of(e) : -1;
+        ids_pool_b_[p]         = hi ? e : -1;
+        ids_lo_[p]             = lo ? planner_.slot_of(e) : -1;
+        ids_lo_b_[p]           = lo ? e : -1;
+        ids_direct_[p]         = hi || lo ? -1 : e;
         ls.pool_pairs += hi;
         ls.lo_pairs += lo;
         ls.direct_pairs += !hi && !lo;
@@ -560,11 +616,25 @@ offload_stats engine::stats() const {
     s.n_expert       = n_expert_;
     s.policy         = cache_->policy().name();
     s.read_bandwidth = cost_.read_bw;
+    s.direct_bandwidth  = cost_.direct_bw;
+    s.cpu_flops         = cost_.slow_flops;
+    s.device_flops      = cost_.fast_flops;
+    s.offload_min_batch = cost_.offload_min_batch;
+    s.token_seconds     = token_seconds_;
+    for (size_t i = 0; i < layer_buft_.size(); ++i) {
+        const std::string name = ggml_backend_buft_name(layer_buft_[i]);
+        if (store_->layer((int32_t) i) && std::find_if(s.pools_by_buffer.begin(), s.pools_by_buffer.end(), [&](const auto & x) {
+                return x.first == name;
+            }) == s.pools_by_buffer.end()) {
+            s.pools_by_buffer.emplace_back(name, cache_->allocated_bytes(layer_buft_[i]) +
+                                                     (cache_lo_ ? cache_lo_->allocated_bytes(layer_buft_[i]) : 0));
+        }
+    }
     s.pool_bytes_lo  = cache_lo_ ? cache_lo_->allocated_bytes() : 0;
     s.n_slots_lo     = cache_lo_ ? cache_lo_->n_slots() : 0;
     s.lo_threshold   = cache_lo_ ? params_.lo_threshold : 0.0f;
     s.prefetch       = prefetcher_ != nullptr;
-    s.prefetch_busy_seconds = prefetcher_ ? prefetcher_->busy_seconds() : 0.0;
+    s.prefetch_busy_seconds = loader_ ? loader_->busy_seconds() : 0.0;
     {
         std::lock_guard<std::mutex> lock(stats_mutex_);
         s.layers = layer_stats_;
@@ -625,7 +695,7 @@ std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, u
         throw std::invalid_argument("'" + path + "' has no routed experts; hint: offloading is for MoE models");
     }
     expert_store store(path, (int32_t) n_layer, (int32_t) n_expert, false, 1);
-    expert_cache cache(store.layers(), (int32_t) n_expert, budget, ggml_backend_cpu_buffer_type(),
+    expert_cache cache(store.layers(), (int32_t) n_expert, budget, { ggml_backend_cpu_buffer_type() },
                        make_eviction_policy("lru"), {}, false, per_layer);
     std::vector<pool_plan> out;
     for (int32_t c = 0; c < cache.n_classes(); ++c) {

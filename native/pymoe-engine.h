@@ -15,30 +15,45 @@
 #include "pymoe-expert-cache.h"
 #include "pymoe-expert-store.h"
 #include "pymoe-planner.h"
+#include "pymoe-loader.h"
 #include "pymoe-prefetch.h"
+#include "pymoe-step.h"
 #include "pymoe.h"
 
 #include "ggml-backend.h"
 #include "ggml-cpp.h"
 
+#include <array>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
 struct ggml_tensor;
+struct llama_model;
 struct llama_moe_hook;
 
 namespace pymoe {
 
-// what the graph of one MoE layer reads: persistent I32 [n_used, n_tokens_max]
-// tensors, written by on_route; the graph views the first n_tokens columns
+// The branches whose ids live on the layer's device, packed per token so that
+// one write per layer carries the whole plan: [n_used x PLAN_DEV_COUNT] per token.
+enum plan_branch : int32_t {
+    PLAN_POOL    = 0, // high-precision slot per pair, -1: another branch
+    PLAN_POOL_B  = 1, // the expert of each such pair (biases), else -1
+    PLAN_LO      = 2, // low-precision slot per pair, -1: another branch
+    PLAN_LO_B    = 3,
+    PLAN_DEV_COUNT = 4,
+};
+
+// what the graph of one MoE layer reads: persistent I32 tensors written by
+// on_route (never graph inputs: the scheduler copies inputs when a split starts,
+// before the callback has written them); the graph views the first n_tokens columns
 struct layer_plan_tensors {
-    ggml_tensor * ids_pool     = nullptr; // high-precision slot per pair, -1: another branch
-    ggml_tensor * ids_pool_b   = nullptr; // the expert of each such pair (biases), else -1
-    ggml_tensor * ids_lo       = nullptr; // low-precision slot per pair, -1: another branch
-    ggml_tensor * ids_lo_b     = nullptr;
-    ggml_tensor * ids_direct   = nullptr; // the expert of each direct pair, else -1
+    ggml_tensor * ids_dev    = nullptr; // [n_used * n_branches, n_tokens_max] on the layer's device
+    int32_t       n_branches = 0;       // 2 (the high pool) or 4 (and the low pool, with a sidecar)
+    ggml_tensor * ids_direct = nullptr; // [n_used, n_tokens_max] in host memory (the CPU reads it):
+                                        // the expert of each direct pair, else -1
 };
 
 // what the hook saw of a layer when it built the graph being run
@@ -55,18 +70,27 @@ struct built_layer {
     int32_t             il = -1;
     layer_route_tensors route;
     const uint8_t *     expert_data[PROJ_COUNT] = {};  // where llama.cpp placed each projection's experts (host)
+    ggml_tensor *       expert_tensors[PROJ_COUNT] = {}; // the model's expert tensors (the CPU's calibration runs on them)
     const ggml_tensor * gate_inp    = nullptr;         // the router [n_embd, n_expert], for the predictor
     const ggml_tensor * exp_probs_b = nullptr;         // its selection bias, or null
     int32_t             gating      = 0;               // llama_expert_gating_func_type
 };
 
+// The device each layer of a loaded model runs on (null: the CPU); pymoe-hook.cpp
+// reads it from llama.cpp's layer placement.
+std::vector<ggml_backend_dev_t> model_layer_devices(const llama_model * model);
+
+using clock_type = std::chrono::steady_clock;
+
 class engine {
   public:
-    // `path` the GGUF, `n_tokens_max` the largest ubatch, `buft_fast` where the
-    // slots live. Reads the expert layout (and the sidecar's), splits the
-    // budget into pools; measuring and a static hot set wait for start().
+    // `path` the GGUF, `n_tokens_max` the largest ubatch, `layer_dev[il]` the
+    // device layer il runs on (null: the CPU; its slots are then host memory).
+    // Reads the expert layout (and the sidecar's), splits the budget into pools
+    // on the layers' devices; measuring and a static hot set wait for start().
     engine(const std::string & path, const offload_params & params, int32_t n_layer, int32_t n_expert,
-           int32_t n_expert_used, int64_t n_embd, int32_t n_tokens_max, ggml_backend_buffer_type_t buft_fast);
+           int32_t n_expert_used, int64_t n_embd, int32_t n_tokens_max, int32_t n_threads,
+           const std::vector<ggml_backend_dev_t> & layer_dev);
     ~engine();
 
     llama_moe_hook * hook() { return hook_.get(); }
@@ -95,12 +119,15 @@ class engine {
 
   private:
     void start();  // at the first sync point, when every layer's tensors are known: calibrate, load a hot set
-    void plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t step, layer_stats & ls,
-                   double & load_seconds);
+    void     plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t step, layer_stats & ls,
+                       double & load_seconds);
+    bool     admission_active(int64_t n_tokens) const;  // background admission serves this step
+    uint64_t admission_budget(int64_t n_tokens) const;  // bytes background admission may queue now
+    void     calibrate();                               // the cost model, measured on this machine
     void read_ids(const ggml_tensor * t, std::vector<int32_t> & out) const;
     void read_weights(const ggml_tensor * t, std::vector<float> & out) const;
     void read_input(const ggml_tensor * t, std::vector<float> & out) const;
-    void write_ids(ggml_tensor * t, const std::vector<int32_t> & ids, int64_t n) const;
+    void write_plan(int32_t il, int64_t n_pairs);
     void release_direct();
 
     offload_params                  params_;
@@ -109,11 +136,22 @@ class engine {
     int32_t                         n_expert_used_;
     int64_t                         n_embd_;
     int32_t                         n_tokens_max_;
+    int32_t                         n_threads_;  // the CPU's, for calibration
     std::unique_ptr<expert_store>   store_;
     std::unique_ptr<expert_cache>   cache_;
     std::unique_ptr<expert_store>   store_lo_;   // the sidecar
     std::unique_ptr<expert_cache>   cache_lo_;
-    std::unique_ptr<prefetcher>     prefetcher_;  // with prefetching on
+    std::vector<ggml_backend_ptr>   upload_backends_;  // the engine's own instance of each device holding pools
+    std::unique_ptr<async_loader>   loader_;           // background loads: prefetching and admission
+    pending_slots                   pending_;          // slots those loads are filling
+    std::unique_ptr<prefetcher>     prefetcher_;       // with prefetching on
+    step_planner                    planner_;
+    bool                            device_pools_  = false; // some pools live in device memory
+    double                          token_seconds_ = 0;     // a decode token's time, measured (admission's horizon)
+    clock_type::time_point          last_first_step_;       // the first MoE layer's last sync point
+    int32_t                         first_moe_layer_ = -1;
+    std::vector<double>             flops_per_token_;       // [n_layer] of one expert
+    std::vector<std::array<ggml_tensor *, PROJ_COUNT>> expert_tensors_;  // [n_layer] the model's, once built
     struct hook_deleter {
         void operator()(llama_moe_hook * h) const;  // pymoe-hook.cpp, where the type is complete
     };
@@ -123,9 +161,11 @@ class engine {
     bool                            release_direct_ = true; // disk tier: keep the page cache within bounds
     bool                            started_        = false;
 
-    ggml_context_ptr                 ids_ctx_;
-    ggml_backend_buffer_ptr          ids_buf_;
-    std::vector<layer_plan_tensors>  plan_tensors_;  // [n_layer]
+    std::vector<ggml_backend_buffer_type_t> layer_buft_;  // [n_layer] where each layer's slots and pool ids live
+    std::vector<ggml_context_ptr>        ids_ctx_;         // one per buffer type
+    std::vector<ggml_backend_buffer_ptr> ids_buf_;
+    std::vector<layer_plan_tensors>      plan_tensors_;    // [n_layer]
+    std::vector<int32_t>                 packed_;          // scratch: the device branches' ids, per token
     std::vector<layer_route_tensors> route_;         // [n_layer]
 
     uint64_t                                 step_ = 0;
@@ -138,10 +178,6 @@ class engine {
     std::vector<float>   w_;
     std::vector<float>   x_;
     std::vector<int32_t> ids_pool_, ids_pool_b_, ids_lo_, ids_lo_b_, ids_direct_;
-    std::vector<int32_t> count_;
-    std::vector<float>   wmax_;
-    std::vector<int32_t> hi_pairs_;
-    std::vector<int32_t> action_of_, slot_of_;
     std::vector<int32_t> chosen_;
 
     mutable std::mutex       stats_mutex_;

@@ -1,8 +1,9 @@
 // The expert cache: slot pools in the fast tier with a byte budget that holds.
 //
 // Layers whose experts have the same format (type and shape of every
-// projection) share one pool: per projection a 3-D tensor [n_in, n_out,
-// n_slots] in one backend buffer, so a slot index is a valid mul_mat_id id.
+// projection) and run on the same device share one pool: per projection a 3-D
+// tensor [n_in, n_out, n_slots] in that device's buffer, so a slot index is a
+// valid mul_mat_id id.
 // A global (layer, expert) -> slot map says what each slot holds.
 #pragma once
 
@@ -20,6 +21,8 @@ namespace pymoe {
 
 struct pool_class {
     std::vector<int32_t> layers;                        // the layers that share this pool
+    ggml_backend_buffer_type_t buft = nullptr;          // where its slots live (the device its layers run on)
+    bool                 host       = true;             // slots are host memory (memcpy) or device memory (tensor_set)
     int32_t              n_slots    = 0;
     uint64_t             slot_bytes = 0;                // one expert, all projections
     ggml_tensor *        tensors[PROJ_COUNT] = {};      // [n_in, n_out, n_slots]; null for absent projections
@@ -29,18 +32,21 @@ struct pool_class {
     std::vector<int32_t>  owner_expert;
     std::vector<uint64_t> last_use;                     // step of the last use
     std::vector<uint64_t> pinned_step;                  // used by the step in progress: not evictable
+    std::vector<uint8_t>  ready;                        // 0 while a background load fills it: not yet a hit
 };
 
 class expert_cache {
   public:
     // Splits `budget` bytes over the pools of `layers` (an expert_store's, or a
     // simulator's) so that every class gets the same share of its experts, and
-    // allocates them in `buft`. A class whose share is below one slot gets
-    // none. `profile` ([n_layer * n_expert]) feeds the static hot set.
-    // With allocate = false only the split is computed (pymoe info --expert-budget, the simulator).
-    // per_layer: a pool per layer instead of per format (each layer keeps its share).
+    // allocates each pool in the buffer type of its layers' device
+    // (`layer_buft[il]`; one entry for all layers when it has size 1). A class
+    // whose share is below one slot gets none. `profile` ([n_layer * n_expert])
+    // feeds the static hot set. With allocate = false only the split is computed
+    // (pymoe info --expert-budget, the simulator). per_layer: a pool per layer
+    // instead of per format (each layer keeps its share).
     expert_cache(const std::vector<expert_layer> & layers, int32_t n_expert, uint64_t budget,
-                 ggml_backend_buffer_type_t buft, std::unique_ptr<eviction_policy> policy,
+                 const std::vector<ggml_backend_buffer_type_t> & layer_buft, std::unique_ptr<eviction_policy> policy,
                  std::vector<double> profile, bool allocate = true, bool per_layer = false);
 
     const eviction_policy & policy() const { return *policy_; }
@@ -48,22 +54,30 @@ class expert_cache {
     const pool_class & cls(int32_t c) const { return classes_[c]; }
     int32_t  n_classes() const { return (int32_t) classes_.size(); }
     int32_t  n_slots() const;
-    uint64_t allocated_bytes() const;  // the pools' backend buffer: this is what the budget bounds
+    uint64_t allocated_bytes() const;  // the pools' backend buffers: this is what the budget bounds
+    // bytes allocated in one buffer type (a device's share of the budget)
+    uint64_t allocated_bytes(ggml_backend_buffer_type_t buft) const;
     uint64_t planned_bytes() const { return planned_bytes_; }
     uint64_t budget() const { return budget_; }
 
-    // slot of (il, e), or -1
-    int32_t lookup(int32_t il, int32_t e) const { return slot_of_[index(il, e)]; }
+    // slot of (il, e) when its bytes are in place, or -1
+    int32_t lookup(int32_t il, int32_t e) const {
+        const int32_t s = slot_of_[index(il, e)];
+        return s >= 0 && classes_[class_of_[il]].ready[s] ? s : -1;
+    }
+    // slot of (il, e) in any state: in place, or being filled in the background; or -1
+    int32_t holds(int32_t il, int32_t e) const { return slot_of_[index(il, e)]; }
 
     // Marks a cached expert used by `step` (recency, and pinned for the step).
     void touch(int32_t il, int32_t e, uint64_t step);
-    // Counts pairs routed to an expert (frequency), and those of them that
-    // wanted high precision (the multidimensional policy's precision term).
-    void count(int32_t il, int32_t e, uint64_t pairs, uint64_t hi_pairs) {
-        uses_[index(il, e)] += pairs;
-        hi_uses_[index(il, e)] += hi_pairs;
-    }
+    // Counts pairs routed to an expert at `step` (frequency), and those of them
+    // that wanted high precision (the multidimensional policy's precision term).
+    void count(int32_t il, int32_t e, uint64_t pairs, uint64_t hi_pairs, uint64_t step);
     uint64_t uses(int32_t il, int32_t e) const { return uses_[index(il, e)]; }
+    // Recent frequency, for admission: pairs routed to (il, e), each weighing
+    // half as much every `half_life` steps (set_half_life; 0: no decay).
+    double recent(int32_t il, int32_t e, uint64_t step) const;
+    void   set_half_life(double steps) { half_life_ = steps; }
 
     // Frees the slot of (il, e), if it has one (a low-precision copy upgraded to high).
     void release(int32_t il, int32_t e);
@@ -75,7 +89,14 @@ class expert_cache {
     // Gives (il, e) a slot of its class, evicting an expert not pinned by
     // `step` if needed; the slot is pinned for the step. Returns the slot, or
     // -1 when every slot is pinned. *evicted is set when an expert lost its slot.
-    int32_t assign(int32_t il, int32_t e, uint64_t step, bool * evicted);
+    // ready = false: a background load fills it; it is no hit until publish().
+    int32_t assign(int32_t il, int32_t e, uint64_t step, bool * evicted, bool ready = true);
+    // A background load of (il, e) completed: its slot becomes a hit (and evictable).
+    void    publish(int32_t il, int32_t e);
+    // The slot assign() would give (il, e) now: a free one, else the policy's
+    // victim among those not pinned by `step`; -1 when none. *victim_layer /
+    // *victim_expert: who holds it (-1 when free). Nothing changes.
+    int32_t candidate_slot(int32_t il, uint64_t step, int32_t * victim_layer, int32_t * victim_expert) const;
 
     // Where expert bytes go when they are read into `slot` of class `c`, in
     // the order of the layer's projections.
@@ -99,10 +120,12 @@ class expert_cache {
     std::vector<int32_t>             slot_of_;   // [n_layer * n_expert]
     std::vector<uint64_t>            uses_;      // [n_layer * n_expert]
     std::vector<uint64_t>            hi_uses_;   // [n_layer * n_expert]
-    ggml_context_ptr                 ctx_;
-    ggml_backend_buffer_ptr          buf_;
-    bool                             host_          = true;
-    uint64_t                         planned_bytes_ = 0;
+    std::vector<double>              recent_;    // [n_layer * n_expert] decayed pairs, as of recent_step_
+    std::vector<uint64_t>            recent_step_;
+    double                           half_life_ = 0.0;
+    std::vector<ggml_context_ptr>        ctx_;  // one per buffer type
+    std::vector<ggml_backend_buffer_ptr> buf_;
+    uint64_t                             planned_bytes_ = 0;
 };
 
 }  // namespace pymoe

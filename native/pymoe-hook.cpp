@@ -4,8 +4,10 @@
 // (src/llama-ext.h, the staging header our patch 0002 extends).
 #include "pymoe-engine.h"
 
+#include "ggml-backend.h"
 #include "ggml.h"
 #include "llama-ext.h"
+#include "llama-model.h"
 
 namespace pymoe {
 
@@ -21,7 +23,7 @@ class moe_hook : public llama_moe_hook {
         const int32_t        il = layer.il;
         const expert_layer * el = eng_.layer(il);
         if (!el || layer.has_scales || layer.n_tokens > eng_.n_tokens_max() ||
-            layer.n_expert_used != eng_.plan_tensors(il).ids_pool->ne[0]) {
+            layer.n_expert_used != eng_.plan_tensors(il).ids_direct->ne[0]) {
             return nullptr;  // upstream builds this layer from the model's tensors
         }
         // the model's expert tensors are llama.cpp's mapping of the file (or host copies)
@@ -32,43 +34,45 @@ class moe_hook : public llama_moe_hook {
         for (const auto & p : el->projs) {
             const ggml_tensor * t = model_w[p.kind];
             GGML_ASSERT(t && t->type == p.type && t->ne[0] == p.ne[0] && t->ne[1] == p.ne[1] && t->ne[2] == p.ne[2]);
-            v.expert_data[p.kind] = static_cast<const uint8_t *>(t->data);
+            v.expert_data[p.kind]    = static_cast<const uint8_t *>(t->data);
+            v.expert_tensors[p.kind] = model_w[p.kind];
         }
         v.gate_inp    = layer.gate_inp;
         v.exp_probs_b = layer.exp_probs_b;
         v.gating      = layer.gating_op;
         eng_.on_layer_built(v);
-        // the engine reads the router's choice when the weights are computed;
-        // by then the allocator may have reused its memory (its last reader,
-        // the weights' get_rows, is done: it happens with 1-token ubatches).
-        // Outputs are never reused.
-        for (ggml_tensor * t : { layer.selected, layer.selected->view_src }) {
-            if (t) {
-                ggml_set_output(t);
-            }
-        }
 
         // views of the persistent plan tensors for this ubatch: [n_used, n_tokens]
-        const layer_plan_tensors & pt   = eng_.plan_tensors(il);
-        auto                       view = [&](ggml_tensor * t) {
-            return ggml_view_2d(ctx, t, t->ne[0], layer.n_tokens, t->nb[1], 0);
+        const layer_plan_tensors & pt     = eng_.plan_tensors(il);
+        const int64_t              n_used = layer.n_expert_used;
+        auto view = [&](ggml_tensor * t, int32_t branch) {
+            ggml_tensor * v = ggml_view_2d(ctx, t, n_used, layer.n_tokens, t->nb[1], (size_t) branch * n_used * t->nb[0]);
+            // The engine reads the router's choice at the sync point (the
+            // weights node), after the weights' get_rows, its last upstream
+            // reader: the allocator could hand its memory to another node by
+            // then (it did with 1-token ubatches). A view that lists it as a
+            // source keeps it allocated until the experts run, where flagging it
+            // an output would also stop backends from fusing the router's ops
+            // (CUDA's top-k MoE kernel). Backends never read a view's sources.
+            v->src[1] = layer.selected;
+            return v;
         };
-        auto pool_branch = [&](const expert_cache * cache, ggml_tensor * ids, ggml_tensor * ids_b) -> ggml_tensor * {
+        auto pool_branch = [&](const expert_cache * cache, int32_t br_ids, int32_t br_ids_b) -> ggml_tensor * {
             const int32_t c = cache ? cache->class_of(il) : -1;
             if (c < 0 || cache->cls(c).n_slots == 0) {
                 return nullptr;
             }
             ggml_tensor * const * pool = cache->cls(c).tensors;
-            return chain(pool[PROJ_UP], pool[PROJ_GATE], pool[PROJ_DOWN], pool[PROJ_GATE_UP], view(ids),
-                         view(ids_b));  // [n_embd, n_used, n_tokens]
+            return chain(pool[PROJ_UP], pool[PROJ_GATE], pool[PROJ_DOWN], pool[PROJ_GATE_UP], view(pt.ids_dev, br_ids),
+                         view(pt.ids_dev, br_ids_b));  // [n_embd, n_used, n_tokens]
         };
 
-        ggml_tensor * ids_direct = view(pt.ids_direct);
+        ggml_tensor * ids_direct = view(pt.ids_direct, 0);
         ggml_tensor * out        = chain(layer.up_exps, layer.gate_exps, layer.down_exps, layer.gate_up_exps,
                                          ids_direct, ids_direct);  // [n_embd, n_used, n_tokens]
         // every pair belongs to one branch and the others' rows are zero: the sum is exact
-        for (ggml_tensor * b : { pool_branch(&eng_.cache(), pt.ids_pool, pt.ids_pool_b),
-                                 pool_branch(eng_.cache_lo(), pt.ids_lo, pt.ids_lo_b) }) {
+        for (ggml_tensor * b : { pool_branch(&eng_.cache(), PLAN_POOL, PLAN_POOL_B),
+                                 pool_branch(eng_.cache_lo(), PLAN_LO, PLAN_LO_B) }) {
             if (b) {
                 out = ggml_add(ctx, b, out);
             }
@@ -81,6 +85,15 @@ class moe_hook : public llama_moe_hook {
 };
 
 }  // namespace
+
+std::vector<ggml_backend_dev_t> model_layer_devices(const llama_model * model) {
+    std::vector<ggml_backend_dev_t> out;
+    for (int32_t il = 0; il < (int32_t) model->hparams.n_layer(); ++il) {
+        ggml_backend_dev_t dev = model->dev_layer(il);
+        out.push_back(dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU ? dev : nullptr);
+    }
+    return out;
+}
 
 llama_moe_hook * make_moe_hook(engine & eng) {
     return new moe_hook(eng);

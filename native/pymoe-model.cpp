@@ -4,6 +4,7 @@
 
 #include "pymoe-engine.h"
 
+#include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml.h"
 #include "llama.h"
@@ -64,9 +65,28 @@ model::model(const model_params & params) : params_(params) {
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers       = params.n_gpu_layers;
     mp.load_mode          = params.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    // the devices layers may go to: this machine's GPUs and the RPC servers
+    // asked for (always an explicit list: ggml's registry is process-wide, and
+    // a server another model connected to earlier is not this model's device)
+    std::vector<ggml_backend_dev_t> devices;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        const auto         t   = ggml_backend_dev_type(dev);
+        if ((t == GGML_BACKEND_DEVICE_TYPE_GPU || t == GGML_BACKEND_DEVICE_TYPE_IGPU) && !is_rpc_device(dev)) {
+            devices.push_back(dev);
+        }
+    }
+    for (ggml_backend_dev_t dev : rpc_devices(params.rpc)) {
+        devices.push_back(dev);
+    }
+    devices.push_back(nullptr);
+    mp.devices = devices.data();
+
     // disk tier: llama.cpp maps the routed experts without reading them (the
     // engine reads what tokens need into its slots); host tier: they are loaded
-    // into plain host buffers (not repacked: slots are byte copies of them)
+    // into host buffers (not repacked: slots are byte copies of them) -- the
+    // first device's pinned host buffer type when it has one, so that uploads
+    // into slots on the device run at full link speed
     const bool offload_disk = params.offload.enabled && params.offload.tier == "disk";
     const bool offload_host = params.offload.enabled && params.offload.tier == "host";
     mp.lazy_experts         = offload_disk;
@@ -75,8 +95,12 @@ model::model(const model_params & params) : params_(params) {
     // layout that slots copy. Disk tier: the experts are mapped lazily, never
     // repacked, so the other weights may be (faster kernels for them)
     mp.use_extra_bufts = params.repack && !offload_host;
-    const llama_model_tensor_buft_override host_experts[] = {
-        { "\\.ffn_(gate|up|down|gate_up)_(ch)?exps\\.weight$", ggml_backend_cpu_buffer_type() },
+    ggml_backend_buffer_type_t expert_buft = ggml_backend_cpu_buffer_type();
+    if (devices[0] && params.n_gpu_layers != 0 && ggml_backend_dev_host_buffer_type(devices[0])) {
+        expert_buft = ggml_backend_dev_host_buffer_type(devices[0]);
+    }
+    llama_model_tensor_buft_override host_experts[] = {
+        { "\\.ffn_(gate|up|down|gate_up)_(ch)?exps\\.weight$", expert_buft },
         { nullptr, nullptr },
     };
     if (offload_host) {
@@ -85,6 +109,12 @@ model::model(const model_params & params) : params_(params) {
 
     log_clear_errors();
     model_.reset(llama_model_load_from_file(params.path.c_str(), mp));
+    if (!model_ && offload_host && expert_buft != ggml_backend_cpu_buffer_type()) {
+        // pinned memory is scarcer than memory: fall back to plain host buffers
+        host_experts[0].buft = ggml_backend_cpu_buffer_type();
+        log_clear_errors();
+        model_.reset(llama_model_load_from_file(params.path.c_str(), mp));
+    }
     if (!model_) {
         throw std::runtime_error(
             with_reason("failed to load model '" + params.path + "'", log_take_errors()) +
@@ -113,7 +143,7 @@ model::model(const model_params & params) : params_(params) {
                                            meta_int(model_.get(), arch + ".expert_count"),
                                            meta_int(model_.get(), arch + ".expert_used_count"),
                                            llama_model_n_embd(model_.get()), (int32_t) std::max(cp.n_batch, cp.n_ubatch),
-                                           ggml_backend_cpu_buffer_type());
+                                           n_threads, model_layer_devices(model_.get()));
         cp.moe_hook          = engine_->hook();
         cp.cb_eval           = engine::eval_callback;
         cp.cb_eval_user_data = engine_.get();

@@ -17,7 +17,11 @@ double plan_load_seconds(const plan_request & req, int32_t n_tokens, bool lo) {
 
 double plan_direct_seconds(const plan_request & req, int32_t n_tokens) {
     const cost_model & c = req.cost;
-    double             t = c.direct_bw > 0 ? (double) req.expert_bytes / c.direct_bw : 0.0;
+    if (c.offload_min_batch > 0 && n_tokens >= c.offload_min_batch) {
+        // upstream's op_offload: the device computes it after a copy over the link, as a load would
+        return plan_load_seconds(req, n_tokens);
+    }
+    double t = c.direct_bw > 0 ? (double) req.expert_bytes / c.direct_bw : 0.0;
     if (c.slow_flops > 0) {
         t += n_tokens * req.flops_per_token / c.slow_flops;
     }
@@ -50,7 +54,7 @@ std::vector<expert_action> plan_layer(const plan_request & req) {
             out[i] = ACTION_HIT;
         } else if (x.cached_lo && !important) {
             out[i] = ACTION_HIT_LO;
-        } else {
+        } else if (!x.loading) {
             misses.push_back(i);
         }
     }

@@ -17,11 +17,15 @@ enum expert_action : int8_t {
 
 // Measured on the machine (see engine::start); 0 means "free".
 struct cost_model {
-    double read_bw    = 0;   // bytes/s into a slot
+    double read_bw    = 0;   // bytes/s into a slot (the disk, or the host-to-device link)
     double direct_bw  = 0;   // bytes/s the direct branch pays to bring an expert where it computes
     double fast_flops = 0;   // FLOP/s of the fast tier's expert matmuls
     double slow_flops = 0;   // FLOP/s where the weights live (the CPU)
     double reuse      = 1.0; // how many steps a loaded expert is expected to serve (>= 1)
+    // ubatches of at least this many tokens run the direct branch on the device
+    // instead, after copying the experts it uses over the link: upstream's
+    // op_offload (32 on CUDA; 0: never, e.g. the CPU or an RPC device)
+    int32_t offload_min_batch = 0;
 };
 
 struct planned_expert {
@@ -30,6 +34,7 @@ struct planned_expert {
     float   weight;    // its largest gate weight among those pairs: how much it matters
     bool    cached;    // in a high-precision slot
     bool    cached_lo = false; // in a low-precision slot
+    bool    loading   = false; // a background load of it is in flight: computed directly, never loaded twice
 };
 
 struct plan_request {

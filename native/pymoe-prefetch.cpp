@@ -128,94 +128,12 @@ bool router_predictor::predict(int32_t il, const float * x, int64_t n_tokens, in
 // async_loader
 //
 
-async_loader::async_loader(int io_threads) : io_(io_threads), thread_([this] { loop(); }) {}
-
-async_loader::~async_loader() {
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-}
-
-async_loader::flag async_loader::submit(expert_store & store, expert_store::read_job job) {
-    flag done = std::make_shared<std::atomic<int>>(0);
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        queue_.push_back({ &store, std::move(job), done });
-    }
-    cv_.notify_all();
-    return done;
-}
-
-double async_loader::wait(const flag & done) {
-    if (done->load() != 0) {
-        return 0.0;
-    }
-    const auto                   t0 = std::chrono::steady_clock::now();
-    std::unique_lock<std::mutex> lock(mutex_);
-    cv_done_.wait(lock, [&] { return done->load() != 0; });
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-bool async_loader::idle() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return queue_.empty() && !busy_;
-}
-
-double async_loader::busy_seconds() const {
-    return (double) busy_ns_.load() * 1e-9;
-}
-
-std::string async_loader::take_error() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    std::string                 e;
-    std::swap(e, error_);
-    return e;
-}
-
-void async_loader::loop() {
-    for (;;) {
-        job j;
-        {
-            std::unique_lock<std::mutex> lock(mutex_);
-            cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-            if (stop_ && queue_.empty()) {
-                return;
-            }
-            j = std::move(queue_.front());
-            queue_.pop_front();
-            busy_ = true;
-        }
-        const auto t0     = std::chrono::steady_clock::now();
-        int        result = 1;
-        try {
-            bytes_ += j.store->read_experts({ j.read }, &io_);
-        } catch (const std::exception & ex) {
-            result = -1;
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (error_.empty()) {
-                error_ = std::string("prefetch: ") + ex.what();
-            }
-        }
-        busy_ns_ += (uint64_t) std::chrono::duration_cast<std::chrono::nanoseconds>(
-                        std::chrono::steady_clock::now() - t0).count();
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            j.done->store(result);
-            busy_ = false;
-        }
-        cv_done_.notify_all();
-    }
-}
-
 //
 // prefetcher
 //
 
-prefetcher::prefetcher(int32_t n_layer, int64_t n_embd, int32_t n_expert_used, int io_threads, int32_t depth,
-                       int32_t max_tokens, const targets & t)
+prefetcher::prefetcher(int32_t n_layer, int64_t n_embd, int32_t n_expert_used, async_loader & loader,
+                       pending_slots & pending, int32_t depth, int32_t max_tokens, const targets & t)
     : n_expert_used_(n_expert_used),
       depth_(depth),
       max_tokens_(max_tokens),
@@ -223,25 +141,8 @@ prefetcher::prefetcher(int32_t n_layer, int64_t n_embd, int32_t n_expert_used, i
       predictor_(n_layer, n_embd),
       predicted_((size_t) n_layer),
       counters_((size_t) n_layer),
-      loader_(io_threads) {}
-
-prefetcher::~prefetcher() = default;
-
-void prefetcher::settle() {
-    for (auto it = inflight_.begin(); it != inflight_.end();) {
-        const int state = it->done->load();
-        if (state == 0) {
-            ++it;
-            continue;
-        }
-        if (state > 0) {
-            it->cache->unpin(it->il, it->e);
-        } else {
-            it->cache->release(it->il, it->e);  // a failed read: the slot holds nothing usable
-        }
-        it = inflight_.erase(it);
-    }
-}
+      loader_(loader),
+      pending_(pending) {}
 
 void prefetcher::before_plan(int32_t il, const std::vector<int32_t> & chosen, layer_stats & ls) {
     std::vector<int32_t> & predicted = predicted_[il];
@@ -255,16 +156,7 @@ void prefetcher::before_plan(int32_t il, const std::vector<int32_t> & chosen, la
         }
         predicted.clear();
     }
-    if (inflight_.empty()) {
-        return;
-    }
-    settle();
-    for (const auto & f : inflight_) {
-        if (f.il == il && std::find(chosen.begin(), chosen.end(), f.e) != chosen.end()) {
-            ls.prefetch_wait_seconds += loader_.wait(f.done);
-        }
-    }
-    settle();
+    ls.prefetch_wait_seconds += pending_.wait(loader_, il, chosen);
 }
 
 void prefetcher::after_plan(int32_t il, const float * x, int64_t n_tokens, uint64_t step) {
@@ -285,7 +177,7 @@ void prefetcher::after_plan(int32_t il, const float * x, int64_t n_tokens, uint6
         }
         for (const auto & [e, weight] : pred_) {
             predicted_[target].push_back(e);
-            if (t_.hi->lookup(target, e) >= 0 || (t_.lo && t_.lo->lookup(target, e) >= 0)) {
+            if (t_.hi->holds(target, e) >= 0 || (t_.lo && t_.lo->holds(target, e) >= 0)) {
                 continue;  // already there (or on its way)
             }
             const bool     lo    = t_.lo && weight < t_.lo_threshold && t_.lo->class_of(target) >= 0;
@@ -295,14 +187,15 @@ void prefetcher::after_plan(int32_t il, const float * x, int64_t n_tokens, uint6
                 continue;
             }
             bool          evicted = false;
-            const int32_t slot    = cache.assign(target, e, step, &evicted);  // never a slot this step uses
+            // never a slot this step uses; no hit until loaded
+            const int32_t slot    = cache.assign(target, e, step, &evicted, /*ready=*/false);
             if (slot < 0) {
                 continue;
             }
-            cache.pin(target, e);
             const expert_layer & layer = *store.layer(target);
-            auto done = loader_.submit(store, { target, e, cache.slot_dst(cache.class_of(target), slot, layer) });
-            inflight_.push_back({ &cache, target, e, done });
+            auto done = loader_.submit(store, { target, e, cache.slot_dst(cache.class_of(target), slot, layer) },
+                                       layer.expert_bytes);
+            pending_.add(cache, target, e, std::move(done));
             std::lock_guard<std::mutex> lock(counters_mutex_);
             counters_[target].prefetch_loads++;
             counters_[target].prefetch_bytes += layer.expert_bytes;

@@ -4,6 +4,7 @@
 
 #include "pymoe-expert-cache.h"
 #include "pymoe-expert-store.h"
+#include "pymoe-loader.h"
 
 #include <atomic>
 #include <condition_variable>
@@ -77,50 +78,6 @@ class router_predictor : public expert_predictor {
     std::vector<router> routers_;
 };
 
-// Loads in the background: one thread takes jobs in order and reads each with
-// its own io_pool (so foreground loads never queue behind it).
-class async_loader {
-  public:
-    // 0 while queued or reading, 1 when the bytes are in place, -1 when the read failed
-    using flag = std::shared_ptr<std::atomic<int>>;
-
-    explicit async_loader(int io_threads);
-    ~async_loader();
-
-    // queues a read
-    flag submit(expert_store & store, expert_store::read_job job);
-    // blocks until `done` is no longer 0; returns the seconds waited
-    double wait(const flag & done);
-    bool   idle();
-
-    uint64_t bytes() const { return bytes_.load(); }
-    double   busy_seconds() const;
-
-    // a failure of a background read, reported once
-    std::string take_error();
-
-  private:
-    void loop();
-
-    struct job {
-        expert_store *          store;
-        expert_store::read_job  read;
-        flag                    done;
-    };
-
-    io_pool                 io_;
-    std::mutex              mutex_;
-    std::condition_variable cv_;
-    std::condition_variable cv_done_;
-    std::deque<job>         queue_;
-    bool                    busy_ = false;
-    bool                    stop_ = false;
-    std::atomic<uint64_t>   bytes_{ 0 };
-    std::atomic<uint64_t>   busy_ns_{ 0 };
-    std::string             error_;
-    std::thread             thread_;  // last: it starts running loop(), which uses every member above
-};
-
 // Prefetching as the engine runs it: the predictor, the background loader, the
 // loads in flight and what the predictions got right. The engine calls it
 // twice per MoE layer and step: before planning (score the predictions made for
@@ -138,15 +95,16 @@ class prefetcher {
         float          lo_threshold = 0.0f;
     };
 
-    prefetcher(int32_t n_layer, int64_t n_embd, int32_t n_expert_used, int io_threads, int32_t depth,
-               int32_t max_tokens, const targets & t);
-    ~prefetcher();  // joins the loader (it writes into the caches' slots)
+    // `loader`, `pending`: the engine's background loader and the slots it is
+    // filling (shared with background admission)
+    prefetcher(int32_t n_layer, int64_t n_embd, int32_t n_expert_used, async_loader & loader, pending_slots & pending,
+               int32_t depth, int32_t max_tokens, const targets & t);
 
     router_predictor & predictor() { return predictor_; }
 
     // Before layer il's plan: counts the predictions made for il that were chosen
     // (`chosen`: the step's distinct experts) and waits for background loads of
-    // those still in flight (the wait is exposed time); failed loads free their slots.
+    // those still in flight (the wait is exposed time); they are hits then.
     void before_plan(int32_t il, const std::vector<int32_t> & chosen, layer_stats & ls);
 
     // After layer il's plan: predicts layers il+1 .. il+depth from x [n_tokens,
@@ -158,30 +116,19 @@ class prefetcher {
     // (only the prefetch_* and evictions counters are set)
     layer_stats layer_counters(int32_t il) const;
     void        reset_counters();
-    double      busy_seconds() const { return loader_.busy_seconds(); }
-    std::string take_error() { return loader_.take_error(); }
 
   private:
-    void settle();  // completed loads become ordinary cached experts
-
-    struct inflight {
-        expert_cache *     cache;
-        int32_t            il;
-        int32_t            e;
-        async_loader::flag done;
-    };
-
     int32_t                           n_expert_used_;
     int32_t                           depth_;
     int32_t                           max_tokens_;
     targets                           t_;
     router_predictor                  predictor_;
-    std::vector<inflight>             inflight_;
     std::vector<std::vector<int32_t>> predicted_;  // [n_layer] experts predicted for the layer's next step
     std::vector<predicted_expert>     pred_;       // scratch
     mutable std::mutex                counters_mutex_;
     std::vector<layer_stats>          counters_;   // [n_layer]
-    async_loader                      loader_;     // last: destroyed (joined) first
+    async_loader &                    loader_;
+    pending_slots &                   pending_;
 };
 
 }  // namespace pymoe

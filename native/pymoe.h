@@ -28,6 +28,7 @@
 #include <variant>
 #include <vector>
 
+struct ggml_backend_device;
 struct llama_model;
 struct llama_context;
 struct llama_sampler;
@@ -159,6 +160,11 @@ struct offload_params {
     bool                prefetch            = false;
     int32_t             prefetch_depth      = 1;
     int32_t             prefetch_max_tokens = 4;  // larger ubatches (prefill) are not predicted
+    // Background admission, for slots in device memory (a GPU, an RPC device):
+    // a miss computed on the CPU is also uploaded into the cache while the link
+    // is idle (at most one token's worth of uploads queued), into a free slot or
+    // in place of an expert used less recently-and-often; a hit once it landed.
+    bool                admission           = true;
     // Benchmark mode, never on by default: the experts of every (token, layer)
     // come from a recorded trace instead of the router, so a model with random
     // weights sees a real model's access pattern. [rows, n_layer, n_expert_used],
@@ -195,7 +201,9 @@ struct offload_params {
     X(uint64_t, prefetch_missed, "chosen but not predicted")                                         \
     X(uint64_t, prefetch_loads, "predicted experts loaded in the background")                        \
     X(uint64_t, prefetch_bytes, "bytes of those background loads")                                  \
-    X(double, prefetch_wait_seconds, "the decode waited for a background load: exposed time")
+    X(double, prefetch_wait_seconds, "the decode waited for a background load: exposed time")           \
+    X(uint64_t, admissions, "missed experts uploaded into a slot in the background (hits once landed)") \
+    X(uint64_t, bytes_admitted, "bytes of those background uploads")
 
 struct layer_stats {
 #define PYMOE_COUNTER_FIELD(type, name, doc) type name = 0;
@@ -222,7 +230,13 @@ struct offload_stats {
     int32_t                  n_layer    = 0;
     int32_t                  n_expert   = 0;
     std::string              policy;
-    double                   read_bandwidth = 0; // bytes/s of slot loads, measured at start-up
+    double                   read_bandwidth = 0; // bytes/s of slot loads (disk, or host-to-device link), measured at start-up
+    double                   direct_bandwidth  = 0; // bytes/s the direct branch streams an expert (the CPU, or the disk)
+    double                   cpu_flops         = 0; // FLOP/s of the CPU's expert matmuls (a batch of 32)
+    double                   device_flops      = 0; // FLOP/s of the device's expert matmuls (one token)
+    int32_t                  offload_min_batch = 0; // ubatches this large run the direct branch on the device (op_offload)
+    double                   token_seconds     = 0; // a decode token, measured (background admission's horizon)
+    std::vector<std::pair<std::string, uint64_t>> pools_by_buffer; // bytes of slots per buffer type (device)
     uint64_t                 pool_bytes_lo  = 0; // low-precision slots
     int32_t                  n_slots_lo     = 0;
     float                    lo_threshold   = 0;
@@ -243,6 +257,35 @@ struct pool_plan {
 
 std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, uint64_t * planned_bytes,
                                     bool per_layer = true);
+
+//
+// devices
+//
+
+struct device_info {
+    std::string name;         // "CUDA0", "RPC0" ...
+    std::string description;
+    std::string type;         // "gpu", "igpu", "accel", "cpu"
+    uint64_t    free  = 0;    // bytes of device memory
+    uint64_t    total = 0;
+    std::string endpoint;     // an RPC device's server, else empty
+    bool        host_buffer = false;  // has a pinned host buffer type (uploads at full link speed)
+};
+
+// The devices this build can use (local backends, and RPC servers already connected).
+std::vector<device_info> list_devices();
+
+// Connects to ggml RPC servers (once per endpoint and process: ggml's device
+// registry is process-wide) and returns their devices. Throws a clear error
+// when a server cannot be reached (ggml's client would abort the process).
+std::vector<ggml_backend_device *> rpc_devices(const std::vector<std::string> & endpoints);
+bool                               is_rpc_device(ggml_backend_device * dev);
+// A GPU of this machine (CUDA, Metal ...), not counting RPC devices.
+bool has_local_gpu();
+
+// Serves this build's (patched) CPU backend as a ggml RPC device on host:port;
+// blocks while it serves (one client at a time), throws when it cannot listen.
+void rpc_serve(const std::string & host, int32_t port, int32_t n_threads);
 
 //
 // model
@@ -268,6 +311,9 @@ struct model_params {
     bool        flash_attn   = false;
     bool        repack       = true;  // llama.cpp may repack weights for its CPU kernels (never with offload)
     std::string cache_type   = "f16"; // KV cache element type (ggml type name: f32, f16, q8_0 ...)
+    // ggml RPC servers (HOST:PORT) whose devices are used like GPUs: layers and
+    // expert slots on them (pymoe rpc-server serves this build's CPU backend)
+    std::vector<std::string> rpc;
     offload_params offload;              // the expert-offload engine (off by default)
 };
 

@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("pymoe.simulate", "replay a routing trace through the cache and planner; hit rate, bytes, latency"),
     "convert": ("pymoe.convert.cli", "Hugging Face MoE checkpoint -> GGUF plus a low-precision expert sidecar"),
     "serve": ("pymoe.serve", "OpenAI-compatible HTTP server (chat/completions, streaming, /stats)"),
+    "rpc-server": (
+        "pymoe.rpc_server",
+        "serve this machine's CPU as a ggml RPC device for --rpc (tests, several machines)",
+    ),
 }
 
 

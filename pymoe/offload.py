@@ -208,12 +208,13 @@ def resolve_sidecar(main: Path, sidecar: str | os.PathLike[str] | None) -> Path 
     return Path(sidecar)
 
 
-def resolve_tier(tier: str) -> str:
-    """'auto': the host tier when this build has a GPU fast tier, else the disk tier."""
+def resolve_tier(tier: str, *, gpu: bool = False) -> str:
+    """'auto': the host tier when the model runs on a GPU (this machine's, or an RPC device: `gpu`),
+    else the disk tier."""
     if tier not in TIERS:
         raise ValueError(f"offload tier must be one of {', '.join(TIERS)}, got {tier!r}")
     if tier == "auto":
-        return "host" if _core.supports_gpu_offload() else "disk"
+        return "host" if gpu or _core.supports_gpu_offload() else "disk"
     return tier
 
 

@@ -47,12 +47,12 @@ def budget_arg(text: str | float | int) -> str | float | int:
 
 def _opt(
     *flags: str,
-    help: str,  # noqa: A002 - argparse's own name
+    help: str,
     group: str = LOADING,
     negate: bool = False,
     metavar: str | None = None,
     choices: tuple[str, ...] | None = None,
-    type: Any = None,  # noqa: A002
+    type: Any = None,
 ) -> dict[str, Any]:
     """Field metadata: how the setting appears on the command line (`flags` empty: Python only).
     negate: a boolean that is on by default and turned off by its flag (--no-mmap)."""
@@ -67,7 +67,7 @@ def _opt(
     }
 
 
-def _py_only(help: str) -> dict[str, Any]:  # noqa: A002
+def _py_only(help: str) -> dict[str, Any]:
     return _opt(help=help)
 
 
@@ -84,12 +84,17 @@ class Settings:
     # --- model loading
     n_ctx: int = field(
         default=_NATIVE.n_ctx,
-        metadata=_opt("-c", "--ctx-size", metavar="N", help="context length in tokens (default: the model's, at most 4096)"),
+        metadata=_opt(
+            "-c", "--ctx-size", metavar="N", help="context length in tokens (default: the model's, at most 4096)"
+        ),
     )
     n_batch: int = field(
         default=_NATIVE.n_batch,
         metadata=_opt(
-            "-b", "--batch-size", metavar="N", help="tokens per decode call when reading a prompt (default: %(default)s)"
+            "-b",
+            "--batch-size",
+            metavar="N",
+            help="tokens per decode call when reading a prompt (default: %(default)s)",
         ),
     )
     n_ubatch: int = field(
@@ -128,7 +133,19 @@ class Settings:
             "--cache-type", metavar="TYPE", help="KV cache element type: f16, f32, q8_0 ... (default: %(default)s)"
         ),
     )
-    verbose: bool = field(default=False, metadata=_opt("--verbose", help="show llama.cpp's log and full error tracebacks"))
+    rpc: tuple[str, ...] = field(
+        default=(),
+        metadata=_opt(
+            "--rpc",
+            metavar="HOST:PORT,...",
+            type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
+            help="ggml RPC servers (`pymoe rpc-server`) whose devices are used like GPUs: layers (-ngl) and expert "
+            "slots on them",
+        ),
+    )
+    verbose: bool = field(
+        default=False, metadata=_opt("--verbose", help="show llama.cpp's log and full error tracebacks")
+    )
 
     # --- expert offload
     offload: str = field(
@@ -234,8 +251,21 @@ class Settings:
         ),
     )
 
+    admission: bool = field(
+        default=_NATIVE.offload.admission,
+        metadata=_opt(
+            "--no-admission",
+            group=OFFLOAD,
+            negate=True,
+            help="with slots on a GPU (or an RPC device): do not upload missed experts into the cache in the "
+            "background while the link is idle (they are then only computed where they live)",
+        ),
+    )
+
     # --- Python only (no flag)
-    direct_io: bool = field(default=_NATIVE.offload.direct_io, metadata=_py_only("read slots with O_DIRECT (disk tier)"))
+    direct_io: bool = field(
+        default=_NATIVE.offload.direct_io, metadata=_py_only("read slots with O_DIRECT (disk tier)")
+    )
     io_threads: int = field(default=_NATIVE.offload.io_threads, metadata=_py_only("parallel reads of slot loads"))
     prefetch_max_tokens: int = field(
         default=_NATIVE.offload.prefetch_max_tokens,
@@ -301,13 +331,14 @@ class Settings:
         for name in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "use_mmap", "repack", "flash_attn"):
             setattr(p, name, getattr(self, name))
         p.cache_type = self.cache_type
+        p.rpc = list(self.rpc)
         o = p.offload
         o.enabled = offload.enabled
         o.budget = offload.budget
         o.policy = offload.policy
         o.per_layer = self.cache_partition == "layer"
-        o.tier = resolve_tier(self.offload_tier)
-        for name in ("cpu_assist", "direct_io", "io_threads", "lo_share", "lo_threshold", "prefetch"):
+        o.tier = resolve_tier(self.offload_tier, gpu=bool(self.rpc) and self.n_gpu_layers != 0)
+        for name in ("cpu_assist", "direct_io", "io_threads", "lo_share", "lo_threshold", "prefetch", "admission"):
             setattr(o, name, getattr(self, name))
         o.prefetch_depth = self.prefetch_depth
         o.prefetch_max_tokens = self.prefetch_max_tokens

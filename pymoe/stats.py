@@ -12,7 +12,7 @@ from typing import Any
 from . import _core
 
 # (name, C type, meaning) of every per-layer counter, in the table's order
-COUNTERS: tuple[tuple[str, str, str], ...] = tuple(tuple(c) for c in _core.layer_counters())
+COUNTERS: tuple[tuple[str, str, str], ...] = tuple((str(n), str(t), str(d)) for n, t, d in _core.layer_counters())
 COUNTER_NAMES: tuple[str, ...] = tuple(name for name, _, _ in COUNTERS)
 
 # the bytes a token's experts cost to bring where they are computed
