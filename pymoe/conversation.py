@@ -55,7 +55,7 @@ class Conversation:
         messages = self._fit([*self.messages, {"role": "user", "content": text}])
         answer: list[str] = []
         try:
-            for piece in self.model.chat(messages, self.max_tokens, stream=True, **self.sampling):
+            for piece in self.model.chat_stream(messages, self.max_tokens, **self.sampling):
                 answer.append(piece)
                 yield piece
         finally:

@@ -56,11 +56,11 @@ def main(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     with load_model(args) as model:
         if args.chat:
-            stream = model.chat(
-                [{"role": "user", "content": prompt}], args.max_tokens, stream=True, stop=args.stop, **sampling
+            stream = model.chat_stream(
+                [{"role": "user", "content": prompt}], args.max_tokens, stop=args.stop, **sampling
             )
         else:
-            stream = model.generate(prompt, args.max_tokens, stream=True, stop=args.stop, **sampling)
+            stream = model.stream(prompt, args.max_tokens, stop=args.stop, **sampling)
         if args.echo:
             sys.stdout.write(prompt)
         for piece in stream:

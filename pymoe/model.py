@@ -10,7 +10,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,7 +329,15 @@ class Model:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **options: Any) -> str:
+        """Continues `prompt` (text, or token ids used as given) and returns the generated text.
+
+        The keyword arguments are those of `stream` (temperature, top_k, top_p,
+        min_p, repeat_penalty, seed, stop, add_bos, special), which yields the
+        same text piece by piece as it is produced."""
+        return "".join(self.stream(prompt, max_tokens, **options))
+
+    def stream(
         self,
         prompt: str | Sequence[int],
         max_tokens: int = 256,
@@ -341,38 +349,38 @@ class Model:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Iterable[str] = (),
-        stream: bool = False,
         add_bos: bool = True,
         special: bool = False,
-    ) -> str | Iterator[str]:
-        """Continues `prompt` (text, or token ids used as given).
+    ) -> Generator[str, None, None]:
+        """Continues `prompt` (text, or token ids used as given), yielding the text as it is produced.
 
-        Returns the generated text, or with ``stream=True`` an iterator over
-        pieces of it as they are produced. ``temperature=0`` is greedy and
-        deterministic; otherwise ``seed`` makes sampling repeatable. Generation
-        ends at an end-of-generation token, a `stop` string (not included),
-        `max_tokens`, or a full context."""
+        ``temperature=0`` is greedy and deterministic; otherwise ``seed`` makes
+        sampling repeatable. Generation ends at an end-of-generation token, a
+        `stop` string (not included), `max_tokens`, or a full context. It runs
+        as the iterator is consumed and holds the model until it ends; leaving
+        the loop early (``break``, or ``close()`` on the iterator) stops it
+        after the current token, with ``last_stats.finish_reason ==
+        "interrupted"``. `generate` returns the whole text instead."""
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
         if isinstance(prompt, str):
             tokens = self.tokenize(prompt, add_bos=add_bos, special=special)
         else:
             tokens = [int(t) for t in prompt]
-        it = self._generate_tokens(tokens, max_tokens, sampling, list(stop))
-        return it if stream else "".join(it)
+        return self._generate_tokens(tokens, max_tokens, sampling, list(stop))
 
     def chat(
-        self,
-        messages: Sequence[Message],
-        max_tokens: int = 512,
-        *,
-        stream: bool = False,
-        template: str | None = None,
-        **sampling: Any,
-    ) -> str | Iterator[str]:
+        self, messages: Sequence[Message], max_tokens: int = 512, *, template: str | None = None, **sampling: Any
+    ) -> str:
         """Answers the conversation `messages` (``[{"role": "user", "content": "..."}]``)
         formatted with the model's chat template. Keyword arguments are those
-        of `generate` (temperature, top_k, ..., seed, stop)."""
-        return self.generate(self.chat_tokens(messages, template=template), max_tokens, stream=stream, **sampling)
+        of `stream` (temperature, top_k, ..., seed, stop); `chat_stream` yields the answer piece by piece."""
+        return "".join(self.chat_stream(messages, max_tokens, template=template, **sampling))
+
+    def chat_stream(
+        self, messages: Sequence[Message], max_tokens: int = 512, *, template: str | None = None, **sampling: Any
+    ) -> Generator[str, None, None]:
+        """`chat`, as pieces of text while they are produced (see `stream`)."""
+        return self.stream(self.chat_tokens(messages, template=template), max_tokens, **sampling)
 
     def chat_tokens(self, messages: Sequence[Message], *, template: str | None = None) -> list[int]:
         """The prompt tokens `chat` feeds for `messages`: the chat template applied,
@@ -435,7 +443,7 @@ class Model:
 
     def _generate_tokens(
         self, tokens: list[int], max_tokens: int, sampling: SamplingParams, stop: list[str]
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
         stats = GenerationStats(prompt_tokens=len(tokens))

@@ -38,7 +38,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
@@ -551,10 +550,7 @@ class Server:
             )
         max_tokens = min(req.max_tokens or self.max_tokens_limit, self.n_ctx - n)
         job.events.put(("start", n))
-        pieces = cast(
-            "Generator[str, None, None]",
-            self.model.generate(tokens, max_tokens, stream=True, stop=req.stop, **req.sampling),
-        )
+        pieces = self.model.stream(tokens, max_tokens, stop=req.stop, **req.sampling)
         stopped = False
         try:
             for piece in pieces:

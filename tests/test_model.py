@@ -38,7 +38,7 @@ def test_seeded_sampling_repeats(model):
 
 
 def test_streaming_matches_full_text(model):
-    pieces = list(model.generate("List three colours:", max_tokens=20, temperature=0, stream=True))
+    pieces = list(model.stream("List three colours:", max_tokens=20, temperature=0))
     assert len(pieces) > 1
     assert "".join(pieces) == model.generate("List three colours:", max_tokens=20, temperature=0)
 
