@@ -1,0 +1,545 @@
+"""HTTP/1.1 for the server: the listening socket, a thread per connection, the route table and the endpoints.
+
+Built on the standard library's `http.server` (request line and header
+parsing); the request body, JSON answers, server-sent events in chunked
+transfer encoding, disconnect detection and the connection bound are here."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from ..model import Model
+from .protocol import DEFAULT_MAX_TOKENS_LIMIT, Answer, ApiError, model_object, parse_request
+from .worker import DEFAULT_QUEUE_SIZE, Counters, Event, Job, Worker
+
+log = logging.getLogger("pymoe.server")
+
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 64
+_POLL_SECONDS = 0.2  # how often a waiting connection thread checks that its client is still there
+
+
+class Server:
+    """Serves `model` over HTTP until `close()`.
+
+    >>> with Model("model.gguf") as m, Server(m, port=0) as srv:
+    ...     srv.start()            # in a background thread; or srv.serve_forever()
+    ...     print(srv.url)         # http://127.0.0.1:PORT
+
+    The socket is bound in the constructor (``port=0`` picks a free port). The
+    server does not close the model. ``sampling`` holds the defaults of
+    `Model.stream`'s sampling arguments for requests that do not set them;
+    ``max_tokens_limit`` bounds ``max_tokens`` and is the default when a
+    request gives none; ``queue_size`` requests may wait behind the one being
+    generated; ``timeout`` (seconds) bounds each socket read and write;
+    ``max_connections`` bounds the open connections (each has a thread; one
+    more is answered 503 and closed);
+    ``api_key``, when set, is required as ``Authorization: Bearer KEY`` on
+    every endpoint but /health."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        model_name: str | None = None,
+        api_key: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        sampling: dict[str, Any] | None = None,
+    ) -> None:
+        if max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {max_request_bytes}")
+        if max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {port}")
+        self.model = model
+        self.model_name = model_name or model.path.stem
+        self.api_key = api_key or None
+        self.max_request_bytes = max_request_bytes
+        self.max_tokens_limit = max_tokens_limit
+        self.queue_size = queue_size
+        self.max_connections = max_connections
+        self.timeout = timeout
+        self.sampling = dict(sampling or {})
+        self.created = int(time.time())
+        self.worker = Worker(model, queue_size=queue_size, max_tokens_limit=max_tokens_limit)
+        self.counters = Counters(
+            "requests",  # HTTP requests received
+            "bad_requests",  # 4xx other than 401/429
+            "unauthorized",  # 401
+            "errors",  # 5xx
+        )
+        self._started = time.monotonic()
+        self._closed = False
+        self._serve_thread: threading.Thread | None = None
+        self._serving = False
+        self._httpd = (_HTTPServer6 if ":" in host else _HTTPServer)((host, port), self)
+
+    # ------------------------------------------------------------------ lifetime
+
+    @property
+    def host(self) -> str:
+        return str(self._httpd.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def serve_forever(self) -> None:
+        """Serves in the calling thread until `close()` (from another thread) or KeyboardInterrupt."""
+        self.worker.start()
+        self._serving = True
+        try:
+            self._httpd.serve_forever(poll_interval=0.25)
+        finally:
+            self._serving = False
+
+    def start(self) -> None:
+        """Serves in a background thread."""
+        self._serve_thread = threading.Thread(target=self.serve_forever, name="pymoe-serve-http", daemon=True)
+        self._serve_thread.start()
+        while not self._serving and self._serve_thread.is_alive():
+            time.sleep(0.001)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops accepting connections, refuses waiting requests (503), stops the running
+        generation after its current token and waits up to `timeout` seconds for the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        self.worker.stop()
+        if self._serving:
+            self._httpd.shutdown()
+        if self._serve_thread is not None:
+            self._serve_thread.join(timeout)
+        self.worker.join(timeout)
+        self._httpd.server_close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Server counters, and the model's (`Model.stats()`) as of the last finished request."""
+        queue_state, model = self.worker.stats()
+        http = self.counters.snapshot()
+        server = {
+            "model": self.model_name,
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "max_request_bytes": self.max_request_bytes,
+            **queue_state,
+            **http,
+            "rejected": queue_state["rejected_busy"] + http["bad_requests"] + http["unauthorized"],
+        }
+        return {"server": server, "model": model}
+
+
+# ---------------------------------------------------------------------- connections
+
+
+class _ClientGone(Exception):
+    pass
+
+
+_TOO_MANY_CONNECTIONS = json.dumps(
+    ApiError(503, "too many open connections; retry later", type="server_error", code="too_many_connections").body()
+).encode()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """The listening socket; a thread per connection, at most ``app.max_connections`` of them."""
+
+    daemon_threads = True  # a connection thread never keeps the process alive
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], app: Server) -> None:
+        self.app = app
+        self._slots = threading.BoundedSemaphore(app.max_connections)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("refused a connection from %s: %d are open", client_address, self.app.max_connections)
+            head = (
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                f"Connection: close\r\nContent-Length: {len(_TOO_MANY_CONNECTIONS)}\r\n\r\n"
+            )
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(head.encode() + _TOO_MANY_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("the connection from %s failed", client_address)
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+# ---------------------------------------------------------------------- requests
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "pymoe"
+    app: Server
+    _chunked = False  # the streamed answer is sent with Transfer-Encoding: chunked
+    _body_pending = False  # the request has a body that has not been read (yet)
+    _responded = False  # the status line of the response has been sent
+
+    def setup(self) -> None:
+        self.app = cast(_HTTPServer, self.server).app
+        super().setup()
+        self.connection.settimeout(self.app.timeout)  # for every read and write
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _count_error(self, status: int) -> None:
+        if status == 401:
+            self.app.counters.add("unauthorized")
+        elif status >= 500:
+            self.app.counters.add("errors")
+        elif status != 429:  # the worker counts those
+            self.app.counters.add("bad_requests")
+
+    def _send_error(self, e: ApiError) -> None:
+        self._count_error(e.status)
+        headers = {"Retry-After": "1"} if e.status in (429, 503) else {}
+        if e.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        self._send_json(e.status, e.body(), headers)
+
+    def _client_gone(self) -> bool:
+        """True when the peer has closed its side (readable with nothing to read)."""
+        sock = self.connection
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _read_body(self) -> Any:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise ApiError(411, "send the body with a Content-Length header (chunked bodies are not supported)")
+        length = self.headers.get("Content-Length")
+        try:
+            size = int(length) if length is not None else -1
+        except ValueError:
+            size = -1
+        if size < 0:
+            self.close_connection = True
+            raise ApiError(411 if length is None else 400, "a valid Content-Length header is required")
+        if size > self.app.max_request_bytes:
+            raise ApiError(
+                413,
+                f"the request body is {size} bytes, above this server's limit of {self.app.max_request_bytes} "
+                "(set with pymoe serve --max-request-bytes)",
+                code="request_too_large",
+            )
+        try:
+            data = self.rfile.read(size)
+            self._body_pending = False
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(408, "timed out reading the request body") from None
+        if len(data) < size:
+            self.close_connection = True
+            raise _ClientGone()
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    def _authorize(self) -> None:
+        key = self.app.api_key
+        if key is None:
+            return
+        auth = self.headers.get("Authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(
+                401,
+                "a valid API key is required: send 'Authorization: Bearer KEY'",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
+
+    def _drain(self) -> None:
+        """Reads and drops an unread request body, for at most two seconds: closing a socket with unread
+        data resets the connection, and the client might lose the error response."""
+        try:
+            size = int(self.headers.get("Content-Length") or 0)
+            deadline = time.monotonic() + 2.0
+            self.connection.settimeout(0.5)
+            while size > 0 and time.monotonic() < deadline:
+                data = self.rfile.read1(min(size, 1 << 16))
+                if not data:
+                    break
+                size -= len(data)
+        except (OSError, ValueError):
+            pass
+
+    def _dispatch(self) -> None:
+        self.app.counters.add("requests")
+        self._body_pending = bool(self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"))
+        self._responded = False
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        try:
+            matches = [(route, params) for route in ROUTES if (params := route.match(path)) is not None]
+            if all(route.auth for route, _ in matches):
+                self._authorize()
+            found = next(((route, params) for route, params in matches if route.method == self.command), None)
+            if found is None:
+                raise ApiError(
+                    405 if matches else 404,
+                    f"{self.command} {path} is not {'allowed' if matches else 'an endpoint of this server'}; "
+                    f"endpoints: {ENDPOINTS}",
+                )
+            route, params = found
+            route.endpoint(self, **params)
+            if self._body_pending:  # a body nobody read would be taken for the next request
+                self.close_connection = True
+        except ApiError as e:
+            if self._body_pending:
+                self.close_connection = True
+            try:
+                self._send_error(e)
+            except OSError:
+                self.close_connection = True
+                return
+            if self._body_pending:
+                self._drain()
+        except (_ClientGone, BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        except Exception as e:
+            log.exception("%s %s failed", self.command, path)
+            self.close_connection = True
+            if not self._responded:
+                with contextlib.suppress(OSError):
+                    self._send_error(ApiError(500, f"internal error: {e}", type="server_error"))
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._responded = True
+        super().send_response(code, message)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
+
+    # ------------------------------------------------------------------ endpoints
+
+    def _health(self) -> None:
+        queued = self.app.stats()["server"]["queued"]
+        self._send_json(200, {"status": "ok", "model": self.app.model_name, "queued": queued})
+
+    def _stats(self) -> None:
+        self._send_json(200, self.app.stats())
+
+    def _models(self) -> None:
+        self._send_json(200, {"object": "list", "data": [model_object(self.app.model_name, self.app.created)]})
+
+    def _model(self, id: str) -> None:
+        if id != self.app.model_name:
+            raise ApiError(
+                404,
+                f"the model {id!r} does not exist; this server has {self.app.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        self._send_json(200, model_object(self.app.model_name, self.app.created))
+
+    def _chat_completions(self) -> None:
+        self._completion(chat=True)
+
+    def _completions(self) -> None:
+        self._completion(chat=False)
+
+    # ------------------------------------------------------------------ completions
+
+    def _completion(self, *, chat: bool) -> None:
+        body = self._read_body()
+        app = self.app
+        req = parse_request(body, chat=chat, max_tokens_limit=app.max_tokens_limit, defaults=app.sampling)
+        job = app.worker.submit(req)
+        gone = False
+        try:
+            if req.stream:
+                self._stream(job)
+            else:
+                self._answer(job)
+        except (_ClientGone, OSError):
+            gone = True
+            raise _ClientGone() from None
+        finally:
+            app.worker.withdraw(job, disconnected=gone)
+
+    def _next_event(self, job: Job) -> Event:
+        """The worker's next event for `job`; raises _ClientGone when the client closes meanwhile."""
+        while True:
+            try:
+                return job.events.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                if self._client_gone():
+                    raise _ClientGone() from None
+
+    def _answer(self, job: Job) -> None:
+        pieces: list[str] = []
+        prompt_tokens = 0
+        while True:
+            kind, value = self._next_event(job)
+            if kind == "error":
+                raise value
+            if kind == "start":
+                prompt_tokens = value
+            elif kind == "piece":
+                pieces.append(value)
+            elif kind == "end":
+                finish, completion_tokens = value
+                break
+        answer = Answer(chat=job.req.chat, model=self.app.model_name)
+        self._send_json(200, answer.whole("".join(pieces), finish, prompt_tokens, completion_tokens))
+
+    def _write_chunk(self, data: bytes) -> None:
+        if self._chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.wfile.write(data)
+
+    def _event(self, payload: dict[str, Any] | str) -> None:
+        """One server-sent event: ``data: JSON``."""
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        self._write_chunk(b"data: " + text.encode() + b"\n\n")
+
+    def _stream(self, job: Job) -> None:
+        req = job.req
+        kind, value = self._next_event(job)
+        if kind == "error":
+            raise value  # before any byte of the answer: a plain JSON error
+        prompt_tokens = value
+        answer = Answer(chat=req.chat, model=self.app.model_name)
+        self._chunked = self.request_version == "HTTP/1.1"
+        if not self._chunked:
+            self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            if (first := answer.first_chunk()) is not None:
+                self._event(first)
+            while True:
+                kind, value = self._next_event(job)
+                if kind == "piece":
+                    self._event(answer.piece_chunk(value))
+                elif kind == "end":
+                    finish, completion_tokens = value
+                    self._event(answer.last_chunk(finish))
+                    if req.include_usage:
+                        self._event(answer.usage_chunk(prompt_tokens, completion_tokens))
+                    break
+                elif kind == "error":  # after the headers: an error event, then the end of the stream
+                    self._count_error(value.status)
+                    self._event(value.body())
+                    break
+            self._event("[DONE]")
+            if self._chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            raise _ClientGone() from None
+
+
+# ---------------------------------------------------------------------- routes
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint. A path ending in ``{name}`` matches any non-empty rest, passed to the endpoint as `name`."""
+
+    method: str
+    path: str
+    endpoint: Callable[..., None]
+    auth: bool = True  # needs the API key when the server has one
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """The path's parameters when `path` is this route's, else None."""
+        prefix, brace, name = self.path.partition("{")
+        if not brace:
+            return {} if path == self.path else None
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return {name.rstrip("}"): path[len(prefix) :]}
+        return None
+
+
+ROUTES = (
+    Route("POST", "/v1/chat/completions", _Handler._chat_completions),
+    Route("POST", "/v1/completions", _Handler._completions),
+    Route("GET", "/v1/models", _Handler._models),
+    Route("GET", "/v1/models/{id}", _Handler._model),
+    Route("GET", "/health", _Handler._health, auth=False),
+    Route("GET", "/stats", _Handler._stats),
+)
+ENDPOINTS = ", ".join(f"{route.method} {route.path}" for route in ROUTES)
