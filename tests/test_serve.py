@@ -281,8 +281,10 @@ def test_bad_completion_requests_and_limits(server, client):
     with pytest.raises(openai.BadRequestError) as e:  # the openai client sees the same errors
         client.chat.completions.create(model=NAME, messages=QUESTION, n=2)
     assert e.value.status_code == 400 and e.value.param == "n"
-    # unknown fields are ignored
+    # unknown fields are refused, not ignored; null stands for a field left out
     status, reply, _ = request(server.port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "foo": [1]})
+    assert assert_error(status, reply, 400, "foo")["code"] == "unsupported_parameter"
+    status, reply, _ = request(server.port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "foo": None})
     assert status == 200 and reply["usage"]["completion_tokens"] == 1
     # bounds on the request itself, not on its content
     status, reply, headers = request(server.port, "POST", "/v1/completions", raw=b"x" * ((1 << 20) + 1))

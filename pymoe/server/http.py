@@ -283,14 +283,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise ApiError(411, "send the body with a Content-Length header (chunked bodies are not supported)")
-        length = self.headers.get("Content-Length")
-        try:
-            size = int(length) if length is not None else -1
-        except ValueError:
-            size = -1
-        if size < 0:
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise ApiError(400, "the request has more than one Content-Length header")
+        length = lengths[0].strip() if lengths else None
+        if length is None or not (length.isascii() and length.isdigit()):
             self.close_connection = True
             raise ApiError(411 if length is None else 400, "a valid Content-Length header is required")
+        size = int(length)
         if size > self.app.max_request_bytes:
             raise ApiError(
                 413,
@@ -309,8 +310,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise _ClientGone()
         try:
             return json.loads(data)
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except ValueError:  # an integer of more digits than Python converts
+            raise ApiError(
+                400, "the request body holds a number too long to read (over 4300 digits)", code="invalid_json"
+            ) from None
 
     def _authorize(self) -> None:
         key = self.app.api_key
@@ -373,12 +380,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._drain()
         except (_ClientGone, BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
-        except Exception as e:
+        except Exception:  # the details go to the log, not to the client
             log.exception("%s %s failed", self.command, path)
             self.close_connection = True
             if not self._responded:
                 with contextlib.suppress(OSError):
-                    self._send_error(ApiError(500, f"internal error: {e}", type="server_error"))
+                    self._send_error(
+                        ApiError(500, "internal error; the server's log has the details", type="server_error")
+                    )
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self._responded = True

@@ -4,6 +4,7 @@ Pure functions and data: no sockets, no threads, no model."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -54,9 +55,61 @@ class CompletionRequest:
     include_usage: bool = False
 
 
-# fields of the OpenAI API that would change the answer and that pymoe does not implement:
-# refused rather than silently ignored (a falsy value is accepted)
-_UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "suffix", "echo", "audio", "prediction")
+# The fields a request may carry; any other is refused with a 400 that names it, never ignored.
+_USED = {
+    # endpoint (chat?) -> fields this server applies (each is type-checked below)
+    True: {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+           "repeat_penalty", "seed", "stop", "stream", "stream_options", "n"},
+    False: {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
+            "stop", "stream", "stream_options", "n", "best_of"},
+}  # fmt: skip
+# fields of the OpenAI API that pymoe does not implement, accepted only at the value that turns them off
+_OFF: dict[bool, dict[str, tuple[Any, ...]]] = {
+    True: {"logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0,),
+           "frequency_penalty": (0,), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+           "function_call": ("none",), "response_format": ({"type": "text"},)},
+    False: {"logprobs": (False,), "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,),
+            "suffix": ("",), "echo": (False,)},
+}  # fmt: skip
+_MESSAGE_OFF: dict[str, tuple[Any, ...]] = {"tool_calls": ([],)}
+_WHY = {  # what the error adds for some refused fields
+    "presence_penalty": "; hint: repeat_penalty (llama.cpp's) is supported",
+    "frequency_penalty": "; hint: repeat_penalty (llama.cpp's) is supported",
+    **dict.fromkeys(
+        ("tools", "functions", "tool_choice", "function_call", "tool_calls", "tool_call_id", "parallel_tool_calls"),
+        " (tool calling is not implemented)",
+    ),
+    **dict.fromkeys(("grammar", "json_schema", "response_format"), " (constrained output is not implemented)"),
+}
+INT32_MAX = 2**31 - 1
+
+
+def _check_fields(obj: dict[str, Any], used: set[str], off: dict[str, tuple[Any, ...]], where: str = "") -> None:
+    """Refuses every field of `obj` that is neither used nor at its off value (null counts as absent)."""
+    for name, value in obj.items():
+        if value is None or name in used or value in off.get(name, ()):
+            continue
+        alternatives = " or send " + " or ".join(json.dumps(v) for v in off[name]) if name in off else ""
+        raise ApiError(
+            400,
+            f"'{where}{name}' is not supported by this server; leave it out{alternatives}{_WHY.get(name, '')}",
+            param=f"{where}{name}",
+            code="unsupported_parameter",
+        )
+
+
+def _text(s: str, param: str) -> str:
+    """`s` when it is valid Unicode text (JSON can carry half of a UTF-16 surrogate pair, which is not)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            400,
+            f"'{param}' contains an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), "
+            "which is not text",
+            param=param,
+        ) from None
+    return s
 
 
 def _is_int(v: Any) -> bool:
@@ -104,26 +157,26 @@ def _stop(body: dict[str, Any]) -> list[str]:
         raise ApiError(
             400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them", param="stop"
         )
-    return list(stops)
+    return [_text(s, "stop") for s in stops]
 
 
 def _content(message: dict[str, Any], i: int) -> str:
     """A message's text: a string, or a list of text parts (images and audio are refused)."""
     c = message.get("content")
+    param = f"messages[{i}].content"
     if c is None:
         return ""
     if isinstance(c, str):
-        return c
+        return _text(c, param)
     if isinstance(c, list):
-        parts = []
+        parts: list[str] = []
         for part in c:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(
-                    400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content"
-                )
-            parts.append(part["text"])
+                raise ApiError(400, f"{param}: only text parts are supported", param=param)
+            _check_fields(part, {"type", "text"}, {}, f"{param}[{len(parts)}].")
+            parts.append(_text(part["text"], param))
         return "".join(parts)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}]")
+    raise ApiError(400, f"{param} must be a string or a list of text parts", param=f"messages[{i}]")
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -141,6 +194,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
                 f"messages[{i}].role {m['role']!r} is not supported; use system, developer, user, assistant or tool",
                 param=f"messages[{i}].role",
             )
+        _check_fields(m, {"role", "content"}, _MESSAGE_OFF, f"messages[{i}].")
         out.append({"role": role, "content": _content(m, i)})
     return out
 
@@ -150,7 +204,7 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]  # one prompt in a batch of one
     if isinstance(p, str):
-        return p
+        return _text(p, "prompt")
     if isinstance(p, list) and p and all(_is_int(t) for t in p):
         return [int(t) for t in p]
     if isinstance(p, list) and len(p) > 1 and all(isinstance(t, (str, list)) for t in p):
@@ -161,20 +215,17 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
 def parse_request(body: Any, *, chat: bool, max_tokens_limit: int, defaults: dict[str, Any]) -> CompletionRequest:
     """Validates a decoded JSON body; raises ApiError (400) on a bad one.
 
-    Unknown fields are ignored (the openai client sends some); the fields used
-    are type-checked; known fields that would change the answer but are not
-    implemented (logprobs, tools, ...) are refused. `defaults` are the sampling
-    arguments of `Model.stream` for the fields a request does not set."""
+    Every field is either used (and type-checked) or refused: the fields of
+    the OpenAI API that this server does not implement (logprobs, tools,
+    tool_choice, ...) are accepted only at the value that turns them off, and
+    any other field (llama-server's grammar, json_schema, ...) is refused.
+    `defaults` are the sampling arguments of `Model.stream` for the fields a
+    request does not set."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _check_fields(body, _USED[chat], _OFF[chat])
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise ApiError(400, "'model' must be a string", param="model")
-    for name in _UNSUPPORTED:
-        if body.get(name) not in (None, False, 0, "", [], {}):
-            raise ApiError(400, f"'{name}' is not supported by this server", param=name)
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
-        raise ApiError(400, "only the 'text' response_format is supported", param="response_format")
     n = _integer(body, "n", 1)
     if n not in (None, 1):
         raise ApiError(400, "only n=1 is supported: the server generates one answer per request", param="n")
@@ -193,15 +244,13 @@ def parse_request(body: Any, *, chat: bool, max_tokens_limit: int, defaults: dic
             "(set with pymoe serve --max-tokens-limit)",
             param=param,
         )
-    for name in ("presence_penalty", "frequency_penalty"):  # accepted for compatibility, not applied
-        _number(body, name, -2.0, 2.0)
 
     sampling = dict(defaults)
     given = {
         "temperature": _number(body, "temperature", 0.0, 2.0),
         "top_p": _number(body, "top_p", 0.0, 1.0),
         # llama.cpp's samplers, as llama-server accepts them
-        "top_k": _integer(body, "top_k", 0),
+        "top_k": _integer(body, "top_k", 0, INT32_MAX),
         "min_p": _number(body, "min_p", 0.0, 1.0),
         "repeat_penalty": _number(body, "repeat_penalty", 0.0, 10.0),
     }
@@ -215,6 +264,7 @@ def parse_request(body: Any, *, chat: bool, max_tokens_limit: int, defaults: dic
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    _check_fields(opts or {}, {"include_usage"}, {}, "stream_options.")
     include_usage = _boolean(opts or {}, "include_usage")
     req = CompletionRequest(
         chat=chat,

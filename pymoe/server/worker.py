@@ -173,9 +173,11 @@ class Worker:
                 job.events.put(("error", e))
             except ValueError as e:  # the model refused the input
                 job.events.put(("error", ApiError(400, str(e))))
-            except Exception as e:
+            except Exception:  # the details go to the log, not to the client
                 log.exception("generation failed")
-                job.events.put(("error", ApiError(500, f"generation failed: {e}", type="server_error")))
+                job.events.put(
+                    ("error", ApiError(500, "generation failed; the server's log has the details", type="server_error"))
+                )
             finally:
                 try:
                     stats = self.model.stats()

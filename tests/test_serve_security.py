@@ -1,0 +1,168 @@
+"""`pymoe.server.Server` under attack, in this process on loopback with the demo MoE: malformed values,
+fields it does not implement. Every wait is bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pymoe import Model
+from pymoe.server import Server
+
+TIMEOUT = 60  # seconds, for any one HTTP exchange
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def model(demo_gguf: Path) -> Iterator[Model]:
+    with Model(demo_gguf, n_ctx=256, n_threads=1) as m:
+        yield m
+
+
+@contextlib.contextmanager
+def running(model: Model, **kw) -> Iterator[Server]:
+    kw = {"port": 0, "max_tokens_limit": 4, "sampling": {"temperature": 0}, **kw}
+    srv = Server(model, **kw)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture(scope="module")
+def server(model: Model) -> Iterator[Server]:
+    with running(model) as srv:
+        yield srv
+
+
+def exchange(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, str], dict]:
+    """One request on a raw socket, `head` its request line and headers without the blank line;
+    returns (status, headers with lower-case names, the JSON body or {})."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\nConnection: close\r\n\r\n" + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    raw_head, _, payload = data.partition(b"\r\n\r\n")
+    lines = raw_head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, json.loads(payload) if payload.startswith(b"{") else {}
+
+
+def post(port: int, path: str, body: object, *headers: str, ctype: str = "application/json") -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    extra = "".join(f"\r\n{h}" for h in headers)
+    ct = f"\r\nContent-Type: {ctype}" if ctype else ""
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}{ct}\r\nContent-Length: {len(data)}{extra}"
+    return exchange(port, head, data)
+
+
+def get(port: int, path: str, *headers: str, host: str | None = None) -> tuple[int, dict, dict]:
+    host_line = f"\r\nHost: {host if host is not None else f'127.0.0.1:{port}'}" if host != "" else ""
+    return exchange(port, f"GET {path} HTTP/1.1{host_line}" + "".join(f"\r\n{h}" for h in headers))
+
+
+def error(reply: tuple[int, dict, dict], status: int, param: str | None = None) -> dict:
+    got, _, body = reply
+    assert got == status, reply
+    err = body["error"]
+    assert err["message"], err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+# ---------------------------------------------------------------------- bad values: 400, never 500
+
+
+_JSON = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+MALFORMED = [  # (path, body, extra header, param of the 400), each a 500 once
+    ("/v1/chat/completions", {"messages": QUESTION, "top_k": 2**31}, None, "top_k"),
+    # json.dumps writes a lone surrogate as the escape \ud800, which json.loads reads back into a str
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}]}, None, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     None, "messages[0].content"),
+    ("/v1/completions", {"prompt": "x\udbff"}, None, "prompt"),
+    ("/v1/completions", b'{"prompt": "Hi", "max_tokens": ' + b"1" * 4301 + b"}", None, None),
+    ("/v1/completions", b'{"prompt": "Hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, None),
+    ("/v1/completions", _JSON, f"Content-Length: {len(_JSON)}", None),  # twice, even with equal values
+    ("/v1/completions", _JSON, "Content-Length: 5", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "header", "param"),
+    MALFORMED,
+    ids=["top_k", "surrogate", "surrogate-part", "surrogate-prompt", "digits", "nesting", "two-lengths", "lengths"],
+)
+def test_malformed_values_are_400_not_500(server, path, body, header, param):
+    errors = server.stats()["server"]["errors"]
+    err = error(post(server.port, path, body, *([header] if header else [])), 400, param)
+    if param is None and header is None:
+        assert err["code"] == "invalid_json", err
+    assert server.stats()["server"]["errors"] == errors
+
+
+def test_internal_errors_do_not_leak_details(model, monkeypatch):
+    signature = "stream(): incompatible function arguments. (self: pymoe._core.Model, arg0: int) -> None"
+
+    def broken(*args, **kwargs):
+        raise TypeError(signature)
+
+    with running(model) as srv:
+        monkeypatch.setattr(model, "stream", broken)
+        err = error(post(srv.port, "/v1/completions", {"prompt": "Hi"}), 500)
+        assert "pymoe._core" not in err["message"] and "log" in err["message"]
+        monkeypatch.setattr(srv, "stats", broken)
+        err = error(get(srv.port, "/stats"), 500)
+        assert "pymoe._core" not in err["message"] and "log" in err["message"]
+
+
+# ---------------------------------------------------------------------- fields it does not implement
+
+
+REFUSED = [
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
+    ("/v1/chat/completions", {"grammar": 'root ::= "a"'}, "grammar"),
+    ("/v1/chat/completions", {"json_schema": {"type": "object"}}, "json_schema"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/chat/completions", {"user": "u1"}, "user"),
+    ("/v1/chat/completions", {"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
+    ("/v1/completions", {"grammar": 'root ::= "a"'}, "grammar"),
+    ("/v1/completions", {"frequency_penalty": 1}, "frequency_penalty"),
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+    ("/v1/completions", {"messages": QUESTION}, "messages"),
+]
+
+
+@pytest.mark.parametrize(("path", "extra", "param"), REFUSED)
+def test_fields_not_implemented_are_refused(server, path, extra, param):
+    base = {"messages": QUESTION} if path == "/v1/chat/completions" else {"prompt": "Hi"}
+    err = error(post(server.port, path, {**base, "max_tokens": 1, **extra}), 400, param)
+    assert "not supported" in err["message"], err
+
+
+def test_fields_in_messages_are_refused_and_off_values_accepted(server):
+    port = server.port
+    call = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}
+    err = error(post(port, "/v1/chat/completions", {"messages": [*QUESTION, call]}), 400, "messages[1].tool_calls")
+    assert "tool calling" in err["message"]
+    named = [{"role": "user", "content": "hi", "name": "bob"}]
+    error(post(port, "/v1/chat/completions", {"messages": named}), 400, "messages[0].name")
+    tool = [{"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    error(post(port, "/v1/chat/completions", {"messages": tool}), 400, "messages[0].tool_call_id")
+    off = {"tool_choice": "none", "tools": [], "presence_penalty": 0, "logprobs": False, "user": None}
+    reply = post(port, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1, **off})
+    assert reply[0] == 200, reply
+    plain = [{"role": "assistant", "content": "Paris.", "tool_calls": []}, *QUESTION]
+    assert post(port, "/v1/chat/completions", {"messages": plain, "max_tokens": 1})[0] == 200
