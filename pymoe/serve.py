@@ -25,6 +25,7 @@ from .server import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_TOKENS_LIMIT,
     DEFAULT_QUEUE_SIZE,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_TIMEOUT,
     Server,
 )
@@ -74,14 +75,23 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         type=int,
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
-        help="open connections at most (one thread each); more get 503 (default: %(default)s)",
+        help="open connections at most (one thread each); one more replaces the connection that has waited "
+        "longest for its request, or gets 503 when all are answering (default: %(default)s)",
     )
     s.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help="socket timeout for each read from and write to a client (default: %(default)s)",
+        help="socket timeout for each write to a client, and each read once its request is in (default: %(default)s)",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        help="time for a whole request to arrive, headers and body, counted from when the connection waits "
+        "for it (default: %(default)s)",
     )
     add_sampling_args(parser)
     return parser
@@ -111,8 +121,9 @@ def main(args: argparse.Namespace) -> int:
     ):
         if value < low:
             raise CliError(f"{flag} must be >= {low}, got {value}")
-    if not args.timeout > 0:
-        raise CliError(f"--timeout must be > 0, got {args.timeout}")
+    for flag, seconds in (("--timeout", args.timeout), ("--request-timeout", args.request_timeout)):
+        if not seconds > 0:
+            raise CliError(f"{flag} must be > 0, got {seconds}")
     sampling = sampling_from_args(args)
     if args.verbose:  # the server's access log on stderr
         handler = logging.StreamHandler()
@@ -131,6 +142,7 @@ def main(args: argparse.Namespace) -> int:
                 max_tokens_limit=args.max_tokens_limit,
                 queue_size=args.queue_size,
                 timeout=args.timeout,
+                request_timeout=args.request_timeout,
                 max_connections=args.max_connections,
                 sampling=sampling,
             )

@@ -397,13 +397,14 @@ def read_all(sock: socket.socket) -> bytes:
 
 
 def test_library_server_bounds_connections_and_closes_with_requests_in_flight(demo_gguf):
-    """`pymoe.server.Server` in this process: one connection over max_connections gets a 503 at once;
-    close() answers the waiting request 503, ends the running stream with an error event, and returns."""
+    """`pymoe.server.Server` in this process: one connection over max_connections, all answering requests,
+    gets a 503 at once; close() answers the waiting request 503, ends the running stream with an error
+    event, and returns."""
     from pymoe import Model
     from pymoe.server import Server
 
     with Model(demo_gguf, n_ctx=1024, n_threads=1) as model:
-        srv = Server(model, port=0, queue_size=1, max_connections=3, max_tokens_limit=1000, sampling={"temperature": 0})
+        srv = Server(model, port=0, queue_size=1, max_connections=2, max_tokens_limit=1000, sampling={"temperature": 0})
         srv.start()
         socks: list[socket.socket] = []
         try:
@@ -414,7 +415,6 @@ def test_library_server_bounds_connections_and_closes_with_requests_in_flight(de
             while srv.stats()["server"]["queued"] != 1:
                 assert time.monotonic() < deadline, srv.stats()
                 time.sleep(0.02)
-            socks.append(socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT))  # idle: the third
             with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as extra:
                 refused = read_all(extra)
             assert refused.startswith(b"HTTP/1.1 503") and b"too_many_connections" in refused

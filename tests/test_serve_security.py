@@ -1,11 +1,14 @@
-"""`pymoe.server.Server` under attack, in this process on loopback with the demo MoE: malformed values,
-fields it does not implement. Every wait is bounded."""
+"""`pymoe.server.Server` under attack, in this process on loopback with the demo MoE: slow and bursty
+clients, malformed values, fields it does not implement. Every wait is bounded."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import select
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +80,94 @@ def error(reply: tuple[int, dict, dict], status: int, param: str | None = None) 
     if param is not None:
         assert err["param"] == param, err
     return err
+
+
+# ---------------------------------------------------------------------- slow and bursty clients
+
+
+def test_listen_backlog_takes_a_burst_of_connections(model):
+    """20 clients connect at once while the server accepts none: the kernel must complete every handshake
+    (with the socketserver default backlog of 5, the 7th SYN on is dropped and retried after ~1 s)."""
+    srv = Server(model, port=0)  # bound and listening, not accepting
+    socks = []
+    try:
+        for _ in range(20):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", srv.port))
+            socks.append(s)
+        pending, deadline = list(socks), time.monotonic() + 0.5
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], pending, [], max(0.0, deadline - time.monotonic()))
+            pending = [s for s in pending if s not in writable]
+        assert not pending, f"{len(pending)} of 20 connections were not completed"
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+        srv.close()
+
+
+def test_a_request_has_a_deadline_not_a_timeout_per_read(model):
+    """A client that sends one byte every 0.1 s never meets a per-read timeout; the whole request has 1 s."""
+    with running(model, request_timeout=1.0) as srv:
+        for first, trickle in (
+            (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", b"x"),  # headers
+            (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 1000\r\n\r\n{", b" "),  # the body
+        ):  # fmt: skip
+            t0 = time.monotonic()
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as sock:
+                sock.sendall(first)
+                answer = b""
+                while time.monotonic() - t0 < 10:
+                    if select.select([sock], [], [], 0.1)[0]:
+                        chunk = sock.recv(4096)
+                        answer += chunk
+                        if not chunk:
+                            break
+                    else:
+                        with contextlib.suppress(OSError):
+                            sock.sendall(trickle)
+            assert time.monotonic() - t0 < 5, "the server let a trickling client hold its connection"
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert srv.stats()["server"]["timed_out"] == 2
+
+
+def test_slow_clients_cannot_lock_others_out(model, caplog):
+    """Connections that never finish their request fill every slot: a new client still gets its answer (it
+    replaces the connection that waited longest), and the replacements are logged at a rate, not each."""
+    caplog.set_level(logging.WARNING, logger="pymoe.server")
+    with running(model, max_connections=4) as srv:
+        slow = []
+        try:
+            for _ in range(12):
+                s = socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                slow.append(s)
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            status, _, health = get(srv.port, "/health")
+            assert status == 200 and health["status"] == "ok"
+            assert time.monotonic() - t0 < 5
+            assert srv.stats()["server"]["replaced"] >= 9
+        finally:
+            for s in slow:
+                s.close()
+    lines = [r for r in caplog.records if r.name == "pymoe.server" and r.levelno >= logging.WARNING]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
+
+
+def test_headers_cut_short_are_not_a_request(server):
+    """http.server takes the end of the stream for the end of the headers; a slowloris client that gives up
+    (or one replaced) would then be answered as if it had sent a whole request."""
+    before = server.stats()["server"]["requests"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: abc")
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(4096) == b""
+    assert server.stats()["server"]["requests"] == before
 
 
 # ---------------------------------------------------------------------- bad values: 400, never 500

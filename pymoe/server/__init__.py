@@ -20,10 +20,14 @@ Design, one module each:
   withdrawn: dropped from the queue, or its generation stopped after the
   current token, and the worker moves on to the next request. `Server` ties
   the two together.
+- `connections`: what keeps the connection threads available — a bounded
+  set of connections, a deadline for a whole request, warnings at a rate.
 
 Bounds: the body size (413), ``max_tokens`` (400 above the limit; a request
-without it gets the limit), the queue length (429) and a socket timeout on
-every read and write. A prompt that does not leave room for one token in the
+without it gets the limit), the queue length (429), the connections (see
+`connections`: a deadline for each whole request, and a new connection
+replaces the one waiting longest for its request) and a socket timeout on
+every write. A prompt that does not leave room for one token in the
 context is refused with a 400 (code ``context_length_exceeded``); an answer
 that reaches the end of the context stops with ``finish_reason: "length"``.
 
@@ -32,7 +36,15 @@ The library never prints; it logs to the ``pymoe.server`` logger.
 
 from __future__ import annotations
 
-from .http import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_TIMEOUT, ROUTES, Route, Server
+from .http import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    ROUTES,
+    Route,
+    Server,
+)
 from .protocol import DEFAULT_MAX_TOKENS_LIMIT, Answer, ApiError, CompletionRequest, parse_request
 from .worker import DEFAULT_QUEUE_SIZE, Job, Worker
 
@@ -41,6 +53,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "DEFAULT_MAX_TOKENS_LIMIT",
     "DEFAULT_QUEUE_SIZE",
+    "DEFAULT_REQUEST_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "ROUTES",
     "Answer",

@@ -2,12 +2,14 @@
 
 Built on the standard library's `http.server` (request line and header
 parsing); the request body, JSON answers, server-sent events in chunked
-transfer encoding, disconnect detection and the connection bound are here."""
+transfer encoding, disconnect detection and the bounds on connections
+(`connections`) are here."""
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import io
 import json
 import logging
 import queue
@@ -22,6 +24,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from ..model import Model
+from .connections import Connections, DeadlineReader, RateLog
 from .protocol import DEFAULT_MAX_TOKENS_LIMIT, Answer, ApiError, model_object, parse_request
 from .worker import DEFAULT_QUEUE_SIZE, Counters, Event, Job, Worker
 
@@ -29,7 +32,9 @@ log = logging.getLogger("pymoe.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 64
+LISTEN_BACKLOG = 1024  # connections the kernel completes before they are accepted (capped by net.core.somaxconn)
 _POLL_SECONDS = 0.2  # how often a waiting connection thread checks that its client is still there
 
 
@@ -45,9 +50,12 @@ class Server:
     `Model.stream`'s sampling arguments for requests that do not set them;
     ``max_tokens_limit`` bounds ``max_tokens`` and is the default when a
     request gives none; ``queue_size`` requests may wait behind the one being
-    generated; ``timeout`` (seconds) bounds each socket read and write;
-    ``max_connections`` bounds the open connections (each has a thread; one
-    more is answered 503 and closed);
+    generated; ``request_timeout`` (seconds) bounds the time to receive a
+    whole request, from the moment a connection waits for it to its last
+    byte; ``timeout`` bounds each socket write, and each read once the request
+    is in; ``max_connections`` bounds the open connections (each has a thread;
+    when all are taken, a new one replaces the one that has waited longest
+    for its request; when all are answering, it gets 503);
     ``api_key``, when set, is required as ``Authorization: Bearer KEY`` on
     every endpoint but /health."""
 
@@ -63,6 +71,7 @@ class Server:
         max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         timeout: float = DEFAULT_TIMEOUT,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         sampling: dict[str, Any] | None = None,
     ) -> None:
@@ -76,6 +85,8 @@ class Server:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
         self.model = model
@@ -86,6 +97,7 @@ class Server:
         self.queue_size = queue_size
         self.max_connections = max_connections
         self.timeout = timeout
+        self.request_timeout = request_timeout
         self.sampling = dict(sampling or {})
         self.created = int(time.time())
         self.worker = Worker(model, queue_size=queue_size, max_tokens_limit=max_tokens_limit)
@@ -94,6 +106,9 @@ class Server:
             "bad_requests",  # 4xx other than 401/429
             "unauthorized",  # 401
             "errors",  # 5xx
+            "timed_out",  # connections closed because their request did not arrive within request_timeout
+            "replaced",  # connections closed to make room for a new one
+            "refused_connections",  # 503: every connection was answering a request
         )
         self._started = time.monotonic()
         self._closed = False
@@ -184,15 +199,29 @@ class _HTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True  # a connection thread never keeps the process alive
     block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], app: Server) -> None:
         self.app = app
-        self._slots = threading.BoundedSemaphore(app.max_connections)
+        self.connections = Connections(app.max_connections)
+        self.rate_log = RateLog(log)
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("refused a connection from %s: %d are open", client_address, self.app.max_connections)
+        admitted, replaced = self.connections.admit(request)
+        if replaced:
+            self.app.counters.add("replaced")
+            self.rate_log.warning(
+                "replaced",
+                f"all {self.connections.limit} connections were taken: closed the one that had waited longest "
+                f"for its request, for a new one from {client_address[0]}",
+            )
+        if not admitted:
+            self.app.counters.add("refused_connections")
+            self.rate_log.warning(
+                "refused",
+                f"refused a connection from {client_address[0]}: all {self.connections.limit} are answering requests",
+            )
             head = (
                 "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                 f"Connection: close\r\nContent-Length: {len(_TOO_MANY_CONNECTIONS)}\r\n\r\n"
@@ -205,14 +234,12 @@ class _HTTPServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self.connections.release(request)
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.release(request)  # before the socket closes
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("the connection from %s failed", client_address)
@@ -234,9 +261,51 @@ class _Handler(BaseHTTPRequestHandler):
     _responded = False  # the status line of the response has been sent
 
     def setup(self) -> None:
-        self.app = cast(_HTTPServer, self.server).app
+        self.httpd = cast(_HTTPServer, self.server)
+        self.app = self.httpd.app
         super().setup()
-        self.connection.settimeout(self.app.timeout)  # for every read and write
+        self.connection.settimeout(self.app.timeout)
+        self.rfile.close()  # the socket's file from StreamRequestHandler: reads go through the deadline
+        self._reader = DeadlineReader(self.connection, self.app.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        self._responded = False
+        self.httpd.connections.waiting(self.connection)
+        self._reader.start(self.app.request_timeout)
+        try:
+            super().handle_one_request()
+        except ConnectionError:  # the client reset the connection: nothing to answer, nothing to log
+            self.close_connection = True
+        if self._reader.expired and not self._responded:  # the request line or headers came too slowly
+            self._timed_out()
+            if self._reader.received:  # not an idle connection: tell the client
+                with contextlib.suppress(OSError):
+                    self.connection.settimeout(1.0)
+                    self._send_error(self._timed_out_error())
+
+    def _timed_out(self) -> None:
+        self.close_connection = True
+        self.app.counters.add("timed_out")
+        self.httpd.rate_log.warning(
+            "timed out",
+            f"closed a connection from {self.client_address[0]}: its request did not arrive within "
+            f"{self.app.request_timeout:g} s",
+        )
+
+    def _timed_out_error(self) -> ApiError:
+        return ApiError(
+            408,
+            f"the request did not arrive within {self.app.request_timeout:g} s "
+            "(set with pymoe serve --request-timeout)",
+            code="request_timeout",
+        )
+
+    def _request_in(self) -> None:
+        """The whole request has been read: no deadline while it is answered, and no replacing it."""
+        self._reader.stop()
+        if not self.httpd.connections.answering(self.connection):
+            raise _ClientGone()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -303,11 +372,12 @@ class _Handler(BaseHTTPRequestHandler):
             data = self.rfile.read(size)
             self._body_pending = False
         except TimeoutError:
-            self.close_connection = True
-            raise ApiError(408, "timed out reading the request body") from None
+            self._timed_out()
+            raise self._timed_out_error() from None
         if len(data) < size:
             self.close_connection = True
             raise _ClientGone()
+        self._request_in()
         try:
             return json.loads(data)
         except RecursionError:
@@ -338,9 +408,8 @@ class _Handler(BaseHTTPRequestHandler):
         data resets the connection, and the client might lose the error response."""
         try:
             size = int(self.headers.get("Content-Length") or 0)
-            deadline = time.monotonic() + 2.0
-            self.connection.settimeout(0.5)
-            while size > 0 and time.monotonic() < deadline:
+            self._reader.start(2.0)
+            while size > 0:
                 data = self.rfile.read1(min(size, 1 << 16))
                 if not data:
                     break
@@ -349,9 +418,12 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _dispatch(self) -> None:
+        if self._reader.eof or not self.httpd.connections.is_open(self.connection):
+            # headers cut short by the end of the stream (the client left, or was replaced): not a request
+            self.close_connection = True
+            return
         self.app.counters.add("requests")
         self._body_pending = bool(self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"))
-        self._responded = False
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
             matches = [(route, params) for route in ROUTES if (params := route.match(path)) is not None]
@@ -365,6 +437,8 @@ class _Handler(BaseHTTPRequestHandler):
                     f"endpoints: {ENDPOINTS}",
                 )
             route, params = found
+            if not self._body_pending:
+                self._request_in()
             route.endpoint(self, **params)
             if self._body_pending:  # a body nobody read would be taken for the next request
                 self.close_connection = True
