@@ -5,8 +5,11 @@ events when "stream" is true), GET /v1/models, /health and /stats (counters of
 generation, the expert cache and the server). One llama.cpp context answers one
 request at a time: requests wait in a bounded queue, in arrival order, and a
 full queue answers 429. Binds to 127.0.0.1 unless --host says otherwise; with
---api-key (or PYMOE_API_KEY) every endpoint but /health needs
-"Authorization: Bearer KEY". Ctrl-C stops the server."""
+an API key (PYMOE_API_KEY, --api-key-file or --api-key) every endpoint but
+/health needs "Authorization: Bearer KEY". Requests are answered only for the
+bound address, localhost and IP addresses in the Host header (--allowed-host
+adds names), and web pages of other origins only with --cors-origin.
+Ctrl-C stops the server."""
 
 from __future__ import annotations
 
@@ -27,8 +30,11 @@ from .server import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_TIMEOUT,
+    Access,
     Server,
 )
+
+API_KEY_ENV = "PYMOE_API_KEY"
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -41,11 +47,34 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     s.add_argument(
         "--port", type=int, default=8080, help="TCP port; 0 picks a free one and prints it (default: %(default)s)"
     )
-    s.add_argument(
+    key = s.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help=f"require 'Authorization: Bearer KEY' on every request but /health, KEY being FILE's content "
+        f"(default: ${API_KEY_ENV}; none)",
+    )
+    key.add_argument(
         "--api-key",
-        default=os.environ.get("PYMOE_API_KEY"),
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on every request but /health (default: $PYMOE_API_KEY; none)",
+        help=f"the same with KEY given here, where other users of this machine see it in `ps`: prefer "
+        f"--api-key-file or ${API_KEY_ENV}",
+    )
+    s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (repeatable; '*': any). Without it only the "
+        "--host address, localhost and IP addresses are answered: a defence against DNS rebinding",
+    )
+    s.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages of ORIGIN (scheme://host[:port]) call the server (repeatable; '*': any); "
+        "requests from pages of other origins get 403 (default: none)",
     )
     s.add_argument("--model-name", metavar="NAME", help="the model id in /v1/models and answers (default: file stem)")
     s.add_argument(
@@ -106,6 +135,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the content of --api-key-file, else $PYMOE_API_KEY; None: no key."""
+    if args.api_key is not None:
+        return str(args.api_key)
+    if args.api_key_file is None:
+        return os.environ.get(API_KEY_ENV) or None
+    try:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read the API key file {args.api_key_file}: {getattr(e, 'strerror', None) or e}") from e
+    if not key or "\n" in key:
+        what = "nothing" if not key else "several lines"
+        raise CliError(f"the API key file {args.api_key_file} must hold one line, the key; it holds {what}")
+    return key
+
+
 def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -124,6 +170,11 @@ def main(args: argparse.Namespace) -> int:
     for flag, seconds in (("--timeout", args.timeout), ("--request-timeout", args.request_timeout)):
         if not seconds > 0:
             raise CliError(f"{flag} must be > 0, got {seconds}")
+    try:  # before the model loads
+        Access.make(args.host, args.allowed_host, args.cors_origin)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    api_key = resolve_api_key(args)
     sampling = sampling_from_args(args)
     if args.verbose:  # the server's access log on stderr
         handler = logging.StreamHandler()
@@ -137,7 +188,7 @@ def main(args: argparse.Namespace) -> int:
                 host=args.host,
                 port=args.port,
                 model_name=args.model_name,
-                api_key=args.api_key,
+                api_key=api_key,
                 max_request_bytes=args.max_request_bytes,
                 max_tokens_limit=args.max_tokens_limit,
                 queue_size=args.queue_size,
@@ -145,16 +196,18 @@ def main(args: argparse.Namespace) -> int:
                 request_timeout=args.request_timeout,
                 max_connections=args.max_connections,
                 sampling=sampling,
+                allowed_hosts=args.allowed_host,
+                cors_origins=args.cors_origin,
             )
         except OSError as e:
             raise CliError(
                 f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; "
                 "hint: pick another --port (0: any free one) or --host"
             ) from e
-        if not args.api_key and not _is_loopback(args.host):
+        if not api_key and not _is_loopback(args.host):
             print(
-                f"pymoe serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
-                "port can use the model",
+                f"pymoe serve: warning: listening on {args.host} without an API key: anyone who can reach this "
+                f"port can use the model; hint: set {API_KEY_ENV} or pass --api-key-file",
                 file=sys.stderr,
             )
         print(

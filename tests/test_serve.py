@@ -237,6 +237,29 @@ def test_api_key(server):
     assert_error(status, body, 401)
 
 
+def test_api_key_from_a_file_or_the_environment(demo_gguf, tmp_path, monkeypatch):
+    """Not only on the command line, where other users see it in `ps`."""
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{KEY}\n")
+    with serve(demo_gguf, tmp_path / "server.log", "-c", "128", "--api-key-file", str(key_file)) as srv:
+        assert_error(*request(srv.port, "GET", "/v1/models", key=None)[:2], 401)
+        assert_error(*request(srv.port, "GET", "/v1/models", key="wrong")[:2], 401)
+        assert request(srv.port, "GET", "/v1/models")[0] == 200
+    from pymoe.serve import resolve_api_key, setup_arg_parser
+
+    parser = setup_arg_parser()
+    monkeypatch.setenv("PYMOE_API_KEY", "from-env")
+    assert resolve_api_key(parser.parse_args(["m.gguf"])) == "from-env"
+    assert resolve_api_key(parser.parse_args(["m.gguf", "--api-key-file", str(key_file)])) == KEY
+    monkeypatch.delenv("PYMOE_API_KEY")
+    assert resolve_api_key(parser.parse_args(["m.gguf"])) is None
+    (tmp_path / "empty").write_text("\n")
+    proc = run_pymoe("serve", str(demo_gguf), "--api-key-file", str(tmp_path / "empty"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "must hold one line" in proc.stderr, proc.stderr
+    proc = run_pymoe("serve", str(demo_gguf), "--api-key-file", str(key_file), "--api-key", "x")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr, proc.stderr
+
+
 BAD_BODIES = [
     (b'{"messages": [', None, "not valid JSON"),
     (b"\xff\xfe", None, "not valid JSON"),

@@ -1,5 +1,6 @@
-"""`pymoe.server.Server` under attack, in this process on loopback with the demo MoE: slow and bursty
-clients, malformed values, fields it does not implement. Every wait is bounded."""
+"""`pymoe.server.Server` under attack, in this process on loopback with the demo MoE: who may talk to it
+(Host, Origin, Content-Type), slow and bursty clients, malformed values, fields it does not implement.
+Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from pymoe import Model
 from pymoe.server import Server
+from pymoe.server.access import host_name
 
 TIMEOUT = 60  # seconds, for any one HTTP exchange
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -80,6 +82,82 @@ def error(reply: tuple[int, dict, dict], status: int, param: str | None = None) 
     if param is not None:
         assert err["param"] == param, err
     return err
+
+
+# ---------------------------------------------------------------------- who may talk to it
+
+
+def test_host_name_parsing():
+    assert host_name("LocalHost.:8080") == "localhost"
+    assert host_name("[::1]:8080") == "::1" and host_name("[::1]") == "::1"
+    assert host_name("10.0.0.1") == "10.0.0.1"
+    for bad in ("", ":80", "a:b", "[::1", "[::1]x", "host:"):
+        assert host_name(bad) is None, bad
+
+
+def test_host_header_defends_against_dns_rebinding(model, server):
+    port = server.port
+    err = error(get(port, "/health", host="attacker.example"), 403)  # a rebound name
+    assert err["code"] == "host_not_allowed" and "--allowed-host attacker.example" in err["message"]
+    error(get(port, "/v1/models", host=f"attacker.example:{port}"), 403)
+    for ok in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "app.localhost", "192.168.1.7", "LOCALHOST."):
+        assert get(port, "/health", host=ok)[0] == 200, ok
+    error(get(port, "/health", host=""), 400)  # HTTP/1.1 needs one
+    assert exchange(port, "GET /health HTTP/1.0")[0] == 200  # HTTP/1.0 may leave it out
+    error(get(port, "/health", "Host: attacker.example"), 400)  # two Host headers
+    with running(model, allowed_hosts=["attacker.example"]) as srv:
+        assert get(srv.port, "/health", host="Attacker.Example:80")[0] == 200
+        error(get(srv.port, "/health", host="other.example"), 403)
+    with running(model, allowed_hosts=["*"]) as srv:
+        assert get(srv.port, "/health", host="other.example")[0] == 200
+
+
+def test_post_bodies_must_be_json(server):
+    """A web page may POST text/plain, form or multipart data to any origin without a preflight."""
+    body = {"prompt": "Hi", "max_tokens": 1}
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
+        err = error(post(server.port, "/v1/completions", body, ctype=ctype), 415)
+        assert err["code"] == "unsupported_media_type" and "application/json" in err["message"]
+    assert post(server.port, "/v1/completions", body, ctype="Application/JSON; charset=utf-8")[0] == 200
+
+
+def test_cors_is_answered_explicitly(model, server):
+    port = server.port
+    preflight = (
+        f"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n"
+        "Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type"
+    )
+    status, headers, body = exchange(port, preflight)  # no origin is allowed by default
+    assert status == 403 and "access-control-allow-origin" not in headers
+    assert body["error"]["code"] == "origin_not_allowed" and "--cors-origin http://evil.example" in str(body)
+    status, headers, _ = post(port, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}, "Origin: http://evil.example")
+    assert status == 403 and "access-control-allow-origin" not in headers
+    # the server's own origin is not cross-origin
+    same = f"Origin: http://127.0.0.1:{port}"
+    status, headers, _ = post(port, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}, same)
+    assert status == 200 and headers["access-control-allow-origin"] == f"http://127.0.0.1:{port}"
+
+    app = "http://app.example:3000"
+    with running(model, cors_origins=[app]) as srv:
+        status, headers, _ = exchange(
+            srv.port, preflight.replace("http://evil.example", app).replace(str(port), str(srv.port))
+        )
+        assert status == 204 and headers["access-control-allow-origin"] == app
+        assert "POST" in headers["access-control-allow-methods"]
+        assert headers["access-control-allow-headers"] == "authorization, content-type"
+        status, headers, _ = get(srv.port, "/v1/models", f"Origin: {app}")
+        assert status == 200 and headers["access-control-allow-origin"] == app and headers["vary"] == "Origin"
+        body = {"prompt": "Hi", "max_tokens": 2, "stream": True}
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as sock:
+            data = json.dumps(body).encode()
+            sock.sendall(
+                f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: {app}\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                + data
+            )
+            stream_head = sock.recv(4096)
+        assert stream_head.startswith(b"HTTP/1.1 200") and f"Access-Control-Allow-Origin: {app}".encode() in stream_head
+        error(get(srv.port, "/v1/models", "Origin: http://evil.example"), 403)
 
 
 # ---------------------------------------------------------------------- slow and bursty clients

@@ -22,6 +22,8 @@ Design, one module each:
   the two together.
 - `connections`: what keeps the connection threads available — a bounded
   set of connections, a deadline for a whole request, warnings at a rate.
+- `access`: who may talk to the server — the Host header (DNS rebinding),
+  web pages (Origin, CORS) and the API key.
 
 Bounds: the body size (413), ``max_tokens`` (400 above the limit; a request
 without it gets the limit), the queue length (429), the connections (see
@@ -36,6 +38,7 @@ The library never prints; it logs to the ``pymoe.server`` logger.
 
 from __future__ import annotations
 
+from .access import Access
 from .http import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -56,6 +59,7 @@ __all__ = [
     "DEFAULT_REQUEST_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "ROUTES",
+    "Access",
     "Answer",
     "ApiError",
     "CompletionRequest",

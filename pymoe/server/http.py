@@ -2,13 +2,12 @@
 
 Built on the standard library's `http.server` (request line and header
 parsing); the request body, JSON answers, server-sent events in chunked
-transfer encoding, disconnect detection and the bounds on connections
-(`connections`) are here."""
+transfer encoding, disconnect detection, the checks of who may ask
+(`access`) and the bounds on connections (`connections`) are here."""
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import io
 import json
 import logging
@@ -17,13 +16,14 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 from ..model import Model
+from .access import Access
 from .connections import Connections, DeadlineReader, RateLog
 from .protocol import DEFAULT_MAX_TOKENS_LIMIT, Answer, ApiError, model_object, parse_request
 from .worker import DEFAULT_QUEUE_SIZE, Counters, Event, Job, Worker
@@ -57,7 +57,9 @@ class Server:
     when all are taken, a new one replaces the one that has waited longest
     for its request; when all are answering, it gets 503);
     ``api_key``, when set, is required as ``Authorization: Bearer KEY`` on
-    every endpoint but /health."""
+    every endpoint but /health. ``allowed_hosts`` (Host names answered besides
+    the bound address, localhost and IP addresses) and ``cors_origins`` (web
+    origins whose pages may call it): see `pymoe.server.access`."""
 
     def __init__(
         self,
@@ -74,6 +76,8 @@ class Server:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         sampling: dict[str, Any] | None = None,
+        allowed_hosts: Iterable[str] = (),
+        cors_origins: Iterable[str] = (),
     ) -> None:
         if max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {max_request_bytes}")
@@ -91,7 +95,7 @@ class Server:
             raise ValueError(f"port must be in [0, 65535], got {port}")
         self.model = model
         self.model_name = model_name or model.path.stem
-        self.api_key = api_key or None
+        self.access = Access.make(host, allowed_hosts, cors_origins, api_key)
         self.max_request_bytes = max_request_bytes
         self.max_tokens_limit = max_tokens_limit
         self.queue_size = queue_size
@@ -260,6 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
     _body_pending = False  # the request has a body that has not been read (yet)
     _responded = False  # the status line of the response has been sent
 
+    _cors: dict[str, str]  # the CORS headers of every answer to this request
+
     def setup(self) -> None:
         self.httpd = cast(_HTTPServer, self.server)
         self.app = self.httpd.app
@@ -270,6 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self._reader)
 
     def handle_one_request(self) -> None:
+        self._cors = {}
         self._responded = False
         self.httpd.connections.waiting(self.connection)
         self._reader.start(self.app.request_timeout)
@@ -317,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        for k, v in {**self._cors, **(headers or {})}.items():
             self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -361,6 +368,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(411 if length is None else 400, "a valid Content-Length header is required")
         size = int(length)
+        media_type = self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(
+                415,
+                "the request body must be JSON sent with 'Content-Type: application/json', got "
+                f"{media_type or 'no Content-Type'!r} (web pages of other origins may send other types unasked)",
+                code="unsupported_media_type",
+            )
         if size > self.app.max_request_bytes:
             raise ApiError(
                 413,
@@ -389,20 +404,6 @@ class _Handler(BaseHTTPRequestHandler):
                 400, "the request body holds a number too long to read (over 4300 digits)", code="invalid_json"
             ) from None
 
-    def _authorize(self) -> None:
-        key = self.app.api_key
-        if key is None:
-            return
-        auth = self.headers.get("Authorization", "")
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise ApiError(
-                401,
-                "a valid API key is required: send 'Authorization: Bearer KEY'",
-                type="invalid_request_error",
-                code="invalid_api_key",
-            )
-
     def _drain(self) -> None:
         """Reads and drops an unread request body, for at most two seconds: closing a socket with unread
         data resets the connection, and the client might lose the error response."""
@@ -417,6 +418,16 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             pass
 
+    def _preflight(self, methods: list[str], host: str | None) -> None:
+        """Answers OPTIONS: the path's methods and, to a web page of an allowed origin, CORS's permission."""
+        headers = self.app.access.preflight(
+            self.headers.get("Origin"), host, methods, self.headers.get("Access-Control-Request-Headers")
+        )
+        self.send_response(204)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+
     def _dispatch(self) -> None:
         if self._reader.eof or not self.httpd.connections.is_open(self.connection):
             # headers cut short by the end of the stream (the client left, or was replaced): not a request
@@ -425,10 +436,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.app.counters.add("requests")
         self._body_pending = bool(self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"))
         path = urlsplit(self.path).path.rstrip("/") or "/"
+        access = self.app.access
         try:
+            hosts = self.headers.get_all("Host") or []
+            access.check_host(hosts, required=self.request_version == "HTTP/1.1")
+            host = hosts[0].strip().lower() if hosts else None
+            self._cors = access.check_origin(self.headers.get("Origin"), host)
             matches = [(route, params) for route in ROUTES if (params := route.match(path)) is not None]
+            if self.command == "OPTIONS" and matches:  # needs no key: browsers send none with a preflight
+                self._preflight([route.method for route, _ in matches], host)
+                return
             if all(route.auth for route, _ in matches):
-                self._authorize()
+                access.authorize(self.headers.get("Authorization"))
             found = next(((route, params) for route, params in matches if route.method == self.command), None)
             if found is None:
                 raise ApiError(
@@ -467,7 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._responded = True
         super().send_response(code, message)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
     # ------------------------------------------------------------------ endpoints
 
@@ -566,6 +585,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
+        for k, v in self._cors.items():
+            self.send_header(k, v)
         if self._chunked:
             self.send_header("Transfer-Encoding", "chunked")
         else:
