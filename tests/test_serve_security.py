@@ -190,6 +190,10 @@ def test_listen_backlog_takes_a_burst_of_connections(model):
 def test_a_request_has_a_deadline_not_a_timeout_per_read(model):
     """A client that sends one byte every 0.1 s never meets a per-read timeout; the whole request has 1 s."""
     with running(model, request_timeout=1.0) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as idle:
+            t0 = time.monotonic()
+            assert idle.recv(4096) == b""  # an idle connection is closed without an answer
+            assert time.monotonic() - t0 < 5
         for first, trickle in (
             (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", b"x"),  # headers
             (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

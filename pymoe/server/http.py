@@ -110,7 +110,7 @@ class Server:
             "bad_requests",  # 4xx other than 401/429
             "unauthorized",  # 401
             "errors",  # 5xx
-            "timed_out",  # connections closed because their request did not arrive within request_timeout
+            "timed_out",  # requests begun but not in whole within request_timeout (idle connections not counted)
             "replaced",  # connections closed to make room for a new one
             "refused_connections",  # 503: every connection was answering a request
         )
@@ -284,9 +284,10 @@ class _Handler(BaseHTTPRequestHandler):
             super().handle_one_request()
         except ConnectionError:  # the client reset the connection: nothing to answer, nothing to log
             self.close_connection = True
-        if self._reader.expired and not self._responded:  # the request line or headers came too slowly
-            self._timed_out()
-            if self._reader.received:  # not an idle connection: tell the client
+        if self._reader.expired and not self._responded:
+            self.close_connection = True
+            if self._reader.received:  # the request line or headers came too slowly (else: an idle connection)
+                self._timed_out()
                 with contextlib.suppress(OSError):
                     self.connection.settimeout(1.0)
                     self._send_error(self._timed_out_error())
