@@ -112,7 +112,9 @@ py::dict offload_stats_to_py(const pymoe::offload_stats & s) {
                     py::arg("prefetch_busy_seconds") = s.prefetch_busy_seconds,
                     py::arg("direct_bandwidth") = s.direct_bandwidth, py::arg("cpu_flops") = s.cpu_flops,
                     py::arg("device_flops") = s.device_flops, py::arg("offload_min_batch") = s.offload_min_batch,
-                    py::arg("token_seconds") = s.token_seconds, py::arg("pools_by_buffer") = s.pools_by_buffer);
+                    py::arg("token_seconds") = s.token_seconds, py::arg("pools_by_buffer") = s.pools_by_buffer,
+                    py::arg("ids_bytes") = s.ids_bytes, py::arg("bounce_bytes") = s.bounce_bytes,
+                    py::arg("router_copy_bytes") = s.router_copy_bytes);
 }
 
 py::array_t<float> decode(py_model & self, const i32_array & tokens, const i32_array & pos, const i32_array & seq,

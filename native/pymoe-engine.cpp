@@ -391,7 +391,13 @@ void engine::on_route(int32_t il) {
     double      load_seconds = 0.0;
     try {
         read_ids(rt.selected, sel_);
-        read_weights(rt.weights, w_);
+        if (cache_lo_ && params_.replay_weights.empty()) {
+            read_weights(rt.weights, w_);  // mixed precision weighs each pair
+        } else {
+            // nothing else needs them (the planner only breaks ties with them):
+            // one read fewer at every sync point (a round trip on an RPC device)
+            w_.assign((size_t) n_pairs, 1.0f);
+        }
         if (!replay_cursor_.empty()) {
             // benchmark mode: the trace's experts replace the router's choice
             // (and, when it has them, its gate weights what the planner weighs)
@@ -621,6 +627,13 @@ offload_stats engine::stats() const {
     s.device_flops      = cost_.fast_flops;
     s.offload_min_batch = cost_.offload_min_batch;
     s.token_seconds     = token_seconds_;
+    for (const auto & b : ids_buf_) {
+        s.ids_bytes += ggml_backend_buffer_get_size(b.get());
+    }
+    // one 8 MiB read (plus alignment slack) per io thread: the stores', and the background loader's
+    const int io = params_.io_threads * (store_lo_ ? 2 : 1) + (loader_ ? std::max(1, params_.io_threads / 2) : 0);
+    s.bounce_bytes      = (uint64_t) io * ((8ull << 20) + 8192);
+    s.router_copy_bytes = prefetcher_ ? prefetcher_->predictor().copied_bytes() : 0;
     for (size_t i = 0; i < layer_buft_.size(); ++i) {
         const std::string name = ggml_backend_buft_name(layer_buft_[i]);
         if (store_->layer((int32_t) i) && std::find_if(s.pools_by_buffer.begin(), s.pools_by_buffer.end(), [&](const auto & x) {

@@ -114,13 +114,24 @@ bool router_predictor::predict(int32_t il, const float * x, int64_t n_tokens, in
         return false;
     }
     router & r = routers_[il];
-    if (r.w.empty()) {
+    // a router that is f32 in host memory (the disk and host tiers) is read in
+    // place; one on a device, or quantised, is copied once as floats
+    auto in_place = [](const ggml_tensor * t) -> const float * {
+        const bool host = !t->buffer || ggml_backend_buffer_is_host(t->buffer);
+        return host && t->type == GGML_TYPE_F32 && ggml_is_contiguous(t) ? (const float *) t->data : nullptr;
+    };
+    const float * w = in_place(r.gate_inp);
+    const float * b = r.bias ? in_place(r.bias) : nullptr;
+    if (!w && r.w.empty()) {
         r.w = to_float(r.gate_inp);
-        if (r.bias) {
-            r.b = to_float(r.bias);
-        }
+        copied_bytes_ += r.w.size() * sizeof(float);
     }
-    router_topk(r.w.data(), r.b.empty() ? nullptr : r.b.data(), r.gating, r.n_expert, n_embd_, x, n_tokens, k, out);
+    if (r.bias && !b && r.b.empty()) {
+        r.b = to_float(r.bias);
+        copied_bytes_ += r.b.size() * sizeof(float);
+    }
+    router_topk(w ? w : r.w.data(), b ? b : (r.b.empty() ? nullptr : r.b.data()), r.gating, r.n_expert, n_embd_, x,
+                n_tokens, k, out);
     return true;
 }
 

@@ -237,6 +237,10 @@ struct offload_stats {
     int32_t                  offload_min_batch = 0; // ubatches this large run the direct branch on the device (op_offload)
     double                   token_seconds     = 0; // a decode token, measured (background admission's horizon)
     std::vector<std::pair<std::string, uint64_t>> pools_by_buffer; // bytes of slots per buffer type (device)
+    // memory the engine uses beside its slots (not in the budget)
+    uint64_t                 ids_bytes         = 0; // the plan's id tensors, all devices and host
+    uint64_t                 bounce_bytes      = 0; // read buffers of the io threads, at most
+    uint64_t                 router_copy_bytes = 0; // the predictor's float copies of routers it cannot read in place
     uint64_t                 pool_bytes_lo  = 0; // low-precision slots
     int32_t                  n_slots_lo     = 0;
     float                    lo_threshold   = 0;

@@ -133,16 +133,26 @@ def kv_cache_bytes(summary: GGUFSummary, n_ctx: int, bytes_per_value: float = 2.
     return int(summary.n_layer * n_ctx * n_head_kv * (k_len + v_len) * bytes_per_value)
 
 
-def auto_budget(summary: GGUFSummary, n_ctx: int) -> int:
-    """What is left of the available memory for expert slots after the rest
-    of the model, the KV cache and a reserve for compute buffers and the
-    engine's read buffers (1/8 of the rest, at least 128 MiB: under a 576 MiB
-    cgroup limit a 1.2 GiB model with a 330 MiB budget peaked at 494 MiB, page
-    cache included; docs/benchmarks.md)."""
+def auto_budget(summary: GGUFSummary, n_ctx: int, devices: list[dict[str, Any]] | None = None) -> int:
+    """What is left of the fast memory for expert slots after the rest of the
+    model, the KV cache and a reserve for compute buffers and the engine's read
+    buffers (1/8 of the rest, at least 128 MiB: under a 576 MiB cgroup limit a
+    1.2 GiB model with a 330 MiB budget peaked at 494 MiB, page cache included;
+    docs/benchmarks.md). The fast memory is the free memory of `devices` (the
+    GPUs or RPC devices the layers go to: `_core.devices()` entries) when there
+    are any, else what this process may still use of the host's."""
     other = summary.other_bytes + kv_cache_bytes(summary, n_ctx)
-    free = available_memory() - other
+    fast = sum(int(d["free"]) for d in devices) if devices else available_memory()
+    free = fast - other
     reserve = max(128 << 20, free // 8)
     return max(0, free - reserve)
+
+
+def gpu_devices(rpc: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The devices layers go to: this machine's GPUs and the devices of the RPC servers `rpc` (connected here)."""
+    if rpc:
+        _core.connect_rpc(list(rpc))
+    return [d for d in _core.devices() if d["type"] in ("gpu", "igpu") and (not d["endpoint"] or d["endpoint"] in rpc)]
 
 
 @dataclass
@@ -163,6 +173,7 @@ class OffloadConfig:
         expert_budget: str | float | int | None = "auto",
         policy: str = "lru",
         n_ctx: int = 4096,
+        devices: list[dict[str, Any]] | None = None,
     ) -> OffloadConfig:
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
@@ -177,10 +188,10 @@ class OffloadConfig:
         budget = parse_budget(expert_budget, summary.expert_bytes)
         explicit = budget is not None
         if budget is None:
-            budget = auto_budget(summary, n_ctx)
+            budget = auto_budget(summary, n_ctx, devices)
         if offload == "auto" and budget >= summary.expert_bytes:
             return cls(False, budget, policy, "every expert fits the budget: the model runs fully resident")
-        how = "given" if explicit else "from the free memory"
+        how = "given" if explicit else "from the free device memory" if devices else "from the free memory"
         return cls(True, min(budget, summary.expert_bytes), policy, f"expert budget {budget} bytes ({how})")
 
 
@@ -222,18 +233,16 @@ def summarize_stats(raw: dict[str, Any], tokens: int | None = None) -> dict[str,
     """Totals, rates and per-layer lists from the engine's counters (pymoe.stats derives every figure)."""
     layers = raw["layers"]
     total = stats.totals(layers)
-    out: dict[str, Any] = {
-        "tier": raw["tier"],
-        "policy": raw["policy"],
-        "budget": raw["budget"],
-        "pool_bytes": raw["pool_bytes"],
-        "n_slots": raw["n_slots"],
-        "pool_bytes_lo": raw["pool_bytes_lo"],
-        "n_slots_lo": raw["n_slots_lo"],
-        "lo_threshold": raw["lo_threshold"],
-        "read_bandwidth": raw["read_bandwidth"],
-        "prefetch": raw["prefetch"],
-        "prefetch_busy_seconds": raw["prefetch_busy_seconds"],
+    # the engine's settings, calibration and memory as it reports them; the per-layer and per-expert
+    # arrays become totals and lists below
+    out: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("layers", "expert_pairs", "n_layer", "n_expert")}
+    out.update(
+        {
+            "pools_by_buffer": [list(p) for p in raw["pools_by_buffer"]],
+            "overhead_bytes": raw["ids_bytes"] + raw["bounce_bytes"] + raw["router_copy_bytes"],
+        }
+    )
+    out |= {
         **stats.derived(total),
         **total,
         "per_layer": {

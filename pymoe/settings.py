@@ -26,6 +26,7 @@ from .offload import (
     POLICIES,
     TIERS,
     OffloadConfig,
+    gpu_devices,
     resolve_sidecar,
     resolve_tier,
 )
@@ -322,8 +323,17 @@ class Settings:
         """The native parameters for loading `path`: 'auto' values decided (budget, tier, sidecar), the
         offload decision and its reason, and the sidecar in use."""
         n_ctx = self.n_ctx or _core.default_n_ctx(_ctx_train(summary))
+        on_gpu = self.n_gpu_layers != 0 and (bool(self.rpc) or _core.supports_gpu_offload())
+        tier = resolve_tier(self.offload_tier, gpu=on_gpu)
+        # slots on the device(s) the layers go to: their memory is the budget's
+        devices = gpu_devices(self.rpc) if on_gpu and tier == "host" else None
         offload = OffloadConfig.resolve(
-            summary, offload=self.offload, expert_budget=self.expert_budget, policy=self.policy, n_ctx=n_ctx
+            summary,
+            offload=self.offload,
+            expert_budget=self.expert_budget,
+            policy=self.policy,
+            n_ctx=n_ctx,
+            devices=devices,
         )
         sidecar = resolve_sidecar(path, self.sidecar) if offload.enabled else None
         p = _core.ModelParams()
@@ -337,7 +347,7 @@ class Settings:
         o.budget = offload.budget
         o.policy = offload.policy
         o.per_layer = self.cache_partition == "layer"
-        o.tier = resolve_tier(self.offload_tier, gpu=bool(self.rpc) and self.n_gpu_layers != 0)
+        o.tier = tier
         for name in ("cpu_assist", "direct_io", "io_threads", "lo_share", "lo_threshold", "prefetch", "admission"):
             setattr(o, name, getattr(self, name))
         o.prefetch_depth = self.prefetch_depth
