@@ -250,7 +250,11 @@ void engine::on_layer_built(const built_layer & v) {
     const expert_layer * el = store_->layer(v.il);
     GGML_ASSERT(el);
     for (const auto & p : el->projs) {
-        store_->set_host(v.il, p.kind, v.expert_data[p.kind]);
+        // set once: every later graph sees the same tensors, and the background
+        // loader may be reading this very field (a rewrite would race with it)
+        if (p.host != v.expert_data[p.kind]) {
+            store_->set_host(v.il, p.kind, v.expert_data[p.kind]);
+        }
         expert_tensors_[(size_t) v.il][p.kind] = v.expert_tensors[p.kind];
     }
     route_[v.il] = v.route;
@@ -505,8 +509,10 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
     // filling the cache for later steps happens off the critical path
     cfg.cost.reuse      = admission_active(n_tokens) ? 1.0 : reuse_.estimate();
     cfg.admit_bytes     = admission_budget(n_tokens);
+    std::unique_lock<std::mutex> cache_lock(cache_mutex_);  // stats() reads the cache's counters
     const step_plan & plan =
         planner_.plan(il, sel_.data(), w_.data(), n_tokens, n_used, *cache_, cache_lo_.get(), step, cfg);
+    cache_lock.unlock();
 
     std::vector<expert_store::read_job> jobs, jobs_lo;
     uint64_t                            step_hits = 0, step_loads = 0;
@@ -658,6 +664,7 @@ offload_stats engine::stats() const {
         }
     }
     s.expert_pairs.resize((size_t) n_layer_ * (size_t) n_expert_);
+    std::lock_guard<std::mutex> cache_lock(cache_mutex_);
     for (int32_t il = 0; il < n_layer_; ++il) {
         for (int32_t e = 0; e < n_expert_; ++e) {
             s.expert_pairs[(size_t) il * n_expert_ + e] = store_->layer(il) ? cache_->uses(il, e) : 0;

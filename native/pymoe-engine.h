@@ -181,6 +181,7 @@ class engine {
     std::vector<int32_t> chosen_;
 
     mutable std::mutex       stats_mutex_;
+    mutable std::mutex       cache_mutex_;  // the caches' use counters: written while planning, read by stats()
     std::vector<layer_stats> layer_stats_;
 };
 
