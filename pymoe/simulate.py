@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _core
 from .offload import DEFAULT_LO_THRESHOLD, PARTITIONS, check_partition, parse_budget
-from .traces import load_trace
+from .traces import Trace, load_trace
 
 LO_BITS = {"q2_K": 2.625, "q3_K": 3.4375, "q4_0": 4.5, "q4_K": 4.5, "q8_0": 8.5}
 
@@ -113,78 +114,153 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     return parser
 
 
-def simulate(args: argparse.Namespace) -> dict[str, Any]:
-    trace = load_trace(args.trace, skip_rows=args.skip_rows)
-    if args.preset:
-        preset = PRESETS[args.preset]
+@dataclass(frozen=True)
+class SimResult:
+    """What one simulation measured (`simulate`)."""
+
+    trace: str
+    preset: str  # the model the bytes and the compute are modelled on ("custom": --expert-bytes only)
+    tokens: int
+    layers: int
+    policy: str
+    budget_bytes: int
+    share_cached: float  # of the expert bytes, high and low slots
+    n_slots: int
+    n_slots_lo: int
+    lo_type: str | None
+    hit_rate: float
+    lo_share_of_pairs: float
+    bytes_per_token: float  # moved into slots
+    latency_per_token_s: float  # modelled, the expert part only
+    loads: int
+    loads_lo: int
+    direct: int
+    upgrades: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def simulate(
+    trace: Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    budget: str | float | int = 0.25,
+    policy: str = "lru",
+    preset: str | None = None,
+    expert_bytes: int | None = None,
+    cache_partition: str = "layer",
+    lo_type: str | None = None,
+    lo_share: float = 0.25,
+    lo_threshold: float = DEFAULT_LO_THRESHOLD,
+    cpu_assist: bool = True,
+    link_gbps: float = 16.0,
+    device_gbps: float = 300.0,
+    cpu_gbps: float = 40.0,
+    layer_ms: float = 0.0,
+    skip_rows: int | None = None,
+) -> SimResult:
+    """Replays `trace` (a `Trace`, or the file(s) `load_trace` reads with `skip_rows`)
+    through the engine's cache, `policy` and planner.
+
+    `budget` is a share of all experts (a float, or "25%") or bytes (an int, "6GiB");
+    `preset` names the traced model (default: the preset with the trace's routing
+    shape) and `expert_bytes` overrides its expert size. `lo_type` simulates
+    low-precision copies of that type (LO_BITS) in `lo_share` of the budget, used
+    below `lo_threshold`. The bandwidths model decode (see the module's doc)."""
+    if not isinstance(trace, Trace):
+        trace = load_trace(trace, skip_rows=skip_rows)
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}'; hint: one of {', '.join(sorted(PRESETS))}")
+        model = PRESETS[preset]
     else:
         match = [p for p in PRESETS.values() if (p.n_expert, p.k) == (trace.n_expert, trace.k)]
-        if not match and not args.expert_bytes:
+        if not match and not expert_bytes:
             raise ValueError(
                 f"no preset routes top-{trace.k} of {trace.n_expert} experts; "
-                "hint: pass --expert-bytes (and --preset for the compute model)"
+                "hint: give the expert size (--expert-bytes) and a preset for the compute model (--preset)"
             )
-        preset = match[0] if match else Preset("custom", 1, 1, trace.n_expert, trace.k)
-    hi = args.expert_bytes or preset.expert_bytes()
-    lo = int(hi * LO_BITS[args.lo_type] / preset.hi_bits) if args.lo_type else 0
+        model = match[0] if match else Preset("custom", 1, 1, trace.n_expert, trace.k)
+    if lo_type is not None and lo_type not in LO_BITS:
+        raise ValueError(f"unknown low-precision type '{lo_type}'; hint: one of {', '.join(sorted(LO_BITS))}")
+    hi = expert_bytes or model.expert_bytes()
+    lo = int(hi * LO_BITS[lo_type] / model.hi_bits) if lo_type else 0
     n_layer = len(trace.layers)
     total = hi * n_layer * trace.n_expert
-    budget = parse_budget(float(args.budget) if "." in args.budget else args.budget, total)
-    if budget is None:
-        raise ValueError("--budget auto has no meaning for a simulation; give a share or a size")
+    budget_bytes = parse_budget(budget, total)
+    if budget_bytes is None:
+        raise ValueError("an 'auto' budget has no meaning for a simulation; hint: give a share (0.25) or a size (6GiB)")
     # decode is memory-bound: an expert's token costs its bytes / bandwidth; as FLOP rates:
-    flops = 2.0 * preset.expert_params() if preset.name != "custom" else 2.0 * hi
+    flops = 2.0 * model.expert_params() if model.name != "custom" else 2.0 * hi
     per_byte = flops / hi
     sim = _core.CacheSimulator(
-        n_layer, trace.n_expert, hi, expert_bytes_lo=lo, budget=budget, lo_share=args.lo_share,
-        lo_threshold=args.lo_threshold if lo else 0.0, policy=args.policy,
-        per_layer=check_partition(args.cache_partition),
-        assist=not args.no_cpu_assist, link_bw=args.link_gbps * 1e9, direct_bw=0.0,
-        fast_flops=args.device_gbps * 1e9 * per_byte, slow_flops=args.cpu_gbps * 1e9 * per_byte,
-        flops_per_token=flops, layer_seconds=args.layer_ms / 1e3,
+        n_layer, trace.n_expert, hi, expert_bytes_lo=lo, budget=budget_bytes, lo_share=lo_share,
+        lo_threshold=lo_threshold if lo else 0.0, policy=policy,
+        per_layer=check_partition(cache_partition),
+        assist=cpu_assist, link_bw=link_gbps * 1e9, direct_bw=0.0,
+        fast_flops=device_gbps * 1e9 * per_byte, slow_flops=cpu_gbps * 1e9 * per_byte,
+        flops_per_token=flops, layer_seconds=layer_ms / 1e3,
     )  # fmt: skip
     sim.run(trace.experts, trace.weights)
     r = sim.result()
     lookups = r["hits"] + r["hits_lo"] + r["misses"]
-    return {
-        "trace": trace.name,
-        "preset": preset.name,
-        "tokens": r["tokens"],
-        "layers": n_layer,
-        "policy": args.policy,
-        "budget_bytes": budget,
-        "share_cached": (r["n_slots"] * hi + r["n_slots_lo"] * lo) / total if total else 0.0,
-        "n_slots": r["n_slots"],
-        "n_slots_lo": r["n_slots_lo"],
-        "lo_type": args.lo_type,
-        "hit_rate": (r["hits"] + r["hits_lo"]) / lookups if lookups else 0.0,
-        "lo_share_of_pairs": r["lo_pairs"] / r["pairs"] if r["pairs"] else 0.0,
-        "bytes_per_token": r["bytes_moved"] / r["tokens"] if r["tokens"] else 0.0,
-        "latency_per_token_s": r["seconds"] / r["tokens"] if r["tokens"] else 0.0,
-        "loads": r["loads"],
-        "loads_lo": r["loads_lo"],
-        "direct": r["direct"],
-        "upgrades": r["upgrades"],
-    }
+    return SimResult(
+        trace=trace.name,
+        preset=model.name,
+        tokens=r["tokens"],
+        layers=n_layer,
+        policy=policy,
+        budget_bytes=budget_bytes,
+        share_cached=(r["n_slots"] * hi + r["n_slots_lo"] * lo) / total if total else 0.0,
+        n_slots=r["n_slots"],
+        n_slots_lo=r["n_slots_lo"],
+        lo_type=lo_type,
+        hit_rate=(r["hits"] + r["hits_lo"]) / lookups if lookups else 0.0,
+        lo_share_of_pairs=r["lo_pairs"] / r["pairs"] if r["pairs"] else 0.0,
+        bytes_per_token=r["bytes_moved"] / r["tokens"] if r["tokens"] else 0.0,
+        latency_per_token_s=r["seconds"] / r["tokens"] if r["tokens"] else 0.0,
+        loads=r["loads"],
+        loads_lo=r["loads_lo"],
+        direct=r["direct"],
+        upgrades=r["upgrades"],
+    )
+
+
+def budget_value(text: str) -> str | float:
+    """--budget: with a decimal point a share of all experts, else a size (6GiB, 25%, a byte count)."""
+    return float(text) if "." in text else text
 
 
 def main(args: argparse.Namespace) -> int:
-    res = simulate(args)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    out = sys.stdout
-    print(f"trace {res['trace']} ({res['tokens']} tokens, {res['layers']} layers) as {res['preset']}", file=out)
-    print(
-        f"policy {res['policy']}, {res['n_slots']} slots"
-        + (f" + {res['n_slots_lo']} {res['lo_type']} slots" if res["lo_type"] else "")
-        + f" ({res['share_cached']:.0%} of the expert bytes)",
-        file=out,
+    res = simulate(
+        args.trace,
+        budget=budget_value(args.budget),
+        policy=args.policy,
+        preset=args.preset,
+        expert_bytes=args.expert_bytes,
+        cache_partition=args.cache_partition,
+        lo_type=args.lo_type,
+        lo_share=args.lo_share,
+        lo_threshold=args.lo_threshold,
+        cpu_assist=not args.no_cpu_assist,
+        link_gbps=args.link_gbps,
+        device_gbps=args.device_gbps,
+        cpu_gbps=args.cpu_gbps,
+        layer_ms=args.layer_ms,
+        skip_rows=args.skip_rows,
     )
-    print(f"hit rate {res['hit_rate']:.3f}, low-precision pairs {res['lo_share_of_pairs']:.1%}", file=out)
+    if args.json:
+        print(json.dumps(res.as_dict()))
+        return 0
+    print(f"trace {res.trace} ({res.tokens} tokens, {res.layers} layers) as {res.preset}")
     print(
-        f"moved {res['bytes_per_token'] / 2**20:.1f} MiB/token, modelled {res['latency_per_token_s'] * 1e3:.2f} "
-        "ms/token (expert part)",
-        file=out,
+        f"policy {res.policy}, {res.n_slots} slots"
+        + (f" + {res.n_slots_lo} {res.lo_type} slots" if res.lo_type else "")
+        + f" ({res.share_cached:.0%} of the expert bytes)"
+    )
+    print(f"hit rate {res.hit_rate:.3f}, low-precision pairs {res.lo_share_of_pairs:.1%}")
+    print(
+        f"moved {res.bytes_per_token / 2**20:.1f} MiB/token, modelled {res.latency_per_token_s * 1e3:.2f} "
+        "ms/token (expert part)"
     )
     return 0

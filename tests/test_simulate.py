@@ -6,9 +6,12 @@ import json
 from collections import OrderedDict
 
 import numpy as np
+import pytest
 from conftest import run_pymoe
 
 from pymoe import _core
+from pymoe.simulate import SimResult, simulate
+from pymoe.traces import load_trace
 
 
 def random_routing(n_tokens=400, n_layer=6, n_expert=8, k=2, seed=0):
@@ -73,10 +76,9 @@ def test_simulator_policies_and_mixed_precision():
     assert r["bytes_moved"] == 1000 * r["loads"] + 300 * r["loads_lo"]
 
 
-def test_cli_json(tmp_path):
-    ids, w = random_routing(n_tokens=50, n_layer=4)
-    trace = tmp_path / "trace.jsonl"
-    with open(trace, "w") as f:
+def write_trace(path, ids, w):
+    """A Mixtral-style trace file: one JSON object per (token, layer)."""
+    with open(path, "w") as f:
         for t in range(ids.shape[0]):
             for il in range(ids.shape[1]):
                 row = {
@@ -87,9 +89,17 @@ def test_cli_json(tmp_path):
                     "gating_probs": w[t, il].tolist(),
                 }
                 f.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_cli_json(tmp_path):
+    ids, w = random_routing(n_tokens=50, n_layer=4)
+    trace = write_trace(tmp_path / "trace.jsonl", ids, w)
     proc = run_pymoe("simulate", "--trace", str(trace), "--budget", "0.5", "--policy", "lfu", "--json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
+    # the command prints what the library function returns
+    assert simulate(trace, budget=0.5, policy="lfu").as_dict() == res
     for key in ("hit_rate", "bytes_per_token", "latency_per_token_s"):
         assert key in res
     assert res["preset"] == "mixtral-8x7b" and res["tokens"] == 50 and 0 <= res["hit_rate"] <= 1
@@ -111,3 +121,24 @@ def test_cli_json(tmp_path):
     assert lo["lo_share_of_pairs"] > 0 and lo["n_slots_lo"] > 0
     bad = run_pymoe("simulate", "--trace", str(tmp_path / "none.jsonl"))
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+def test_library_function(tmp_path):
+    ids, w = random_routing(n_tokens=60, n_layer=4, seed=2)
+    trace = write_trace(tmp_path / "trace.jsonl", ids, w)
+    res = simulate(trace, budget="50%", policy="lru", cpu_assist=False)
+    assert isinstance(res, SimResult) and res.preset == "mixtral-8x7b" and res.layers == 4 and res.tokens == 60
+    # a loaded trace, a share as a float and as a percentage: the same simulation
+    assert simulate(load_trace(trace), budget=0.5, cpu_assist=False) == res
+    assert 0.0 < res.hit_rate < 1.0 and res.loads > 0 and res.direct == 0 and res.share_cached <= 0.5
+    # bytes: Mixtral-8x7B's expert at q4_K, as the preset says
+    expert = 3 * 4096 * 14336 * 4.5 / 8
+    assert simulate(trace, budget=int(8 * expert) + 1, cpu_assist=False).n_slots == 8
+    with pytest.raises(ValueError, match="auto"):
+        simulate(trace, budget="auto")
+    with pytest.raises(ValueError, match="hint: one of"):
+        simulate(trace, lo_type="q1_X")
+    with pytest.raises(ValueError, match="unknown preset"):
+        simulate(trace, preset="gpt-5")
+    with pytest.raises(ValueError, match="expert size"):
+        simulate(write_trace(tmp_path / "t3.jsonl", *random_routing(n_tokens=5, n_layer=2, n_expert=3)))

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pymoe import simulate as sim
+from pymoe.simulate import SimResult, simulate
+from pymoe.traces import Trace, load_trace
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 DEFAULT_TRACES = {
@@ -29,17 +30,10 @@ DEFAULT_TRACES = {
 }
 POLICIES = ("lru", "lfu", "multidim")
 MiB = 1 << 20
-BUDGETS = ("0.25", "0.5", "0.75")
+BUDGETS = (0.25, 0.5, 0.75)
 
 
-def run(files: list[Path], budget: str, policy: str, lo: str | None, assist: bool) -> dict[str, Any]:
-    argv = ["--trace", *map(str, files), "--budget", budget, "--policy", policy]
-    argv += ["--lo-type", lo] if lo else []
-    argv += [] if assist else ["--no-cpu-assist"]
-    return sim.simulate(sim.setup_arg_parser().parse_args(argv))
-
-
-def table(name: str, files: list[Path], lo_type: str) -> tuple[str, list[dict[str, Any]]]:
+def table(name: str, trace: Trace, lo_type: str) -> tuple[str, list[dict[str, Any]]]:
     rows = [
         f"**{name}**",
         "",
@@ -47,19 +41,22 @@ def table(name: str, files: list[Path], lo_type: str) -> tuple[str, list[dict[st
         "low pairs | with CPU assist: ms/token | + " + lo_type + " |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    results = []
+    results: list[SimResult] = []
     for budget in BUDGETS:
         for policy in POLICIES:
-            hi, lo = run(files, budget, policy, None, False), run(files, budget, policy, lo_type, False)
-            hi_a, lo_a = run(files, budget, policy, None, True), run(files, budget, policy, lo_type, True)
+            hi, lo, hi_a, lo_a = (
+                simulate(trace, budget=budget, policy=policy, lo_type=lt, cpu_assist=assist)
+                for assist in (False, True)
+                for lt in (None, lo_type)
+            )
             results += [hi, lo, hi_a, lo_a]
             rows.append(
-                f"| {float(budget):.0%} | {policy} | {hi['hit_rate']:.3f} | {hi['bytes_per_token'] / MiB:.0f} | "
-                f"{hi['latency_per_token_s'] * 1e3:.1f} | {lo['hit_rate']:.3f} | {lo['bytes_per_token'] / MiB:.0f} | "
-                f"{lo['latency_per_token_s'] * 1e3:.1f} | {lo['lo_share_of_pairs']:.1%} | "
-                f"{hi_a['latency_per_token_s'] * 1e3:.1f} | {lo_a['latency_per_token_s'] * 1e3:.1f} |"
+                f"| {budget:.0%} | {policy} | {hi.hit_rate:.3f} | {hi.bytes_per_token / MiB:.0f} | "
+                f"{hi.latency_per_token_s * 1e3:.1f} | {lo.hit_rate:.3f} | {lo.bytes_per_token / MiB:.0f} | "
+                f"{lo.latency_per_token_s * 1e3:.1f} | {lo.lo_share_of_pairs:.1%} | "
+                f"{hi_a.latency_per_token_s * 1e3:.1f} | {lo_a.latency_per_token_s * 1e3:.1f} |"
             )
-    return "\n".join(rows), results
+    return "\n".join(rows), [r.as_dict() for r in results]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"error: missing traces: {', '.join(missing)}; hint: pass --traces DIR", file=sys.stderr)
             return 1
-        text, results = table(name, files, args.lo_type)
+        text, results = table(name, load_trace(files), args.lo_type)
         print(text + "\n", flush=True)
         out += results
     if args.json:
