@@ -28,6 +28,7 @@ import numpy as np
 
 from . import settings as settings_mod
 from ._args import add_model_args, budget_arg
+from ._units import MiB, format_bytes
 from .gguf_info import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,24 +207,16 @@ def run_llama_bench(args: argparse.Namespace) -> dict[str, Any]:
 # --- output
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def print_table(results: list[dict[str, Any]], reference: dict[str, Any] | None) -> None:
     cols = ("budget", "pp tok/s", "tg tok/s", "hit rate", "MiB/token", "direct", "peak RSS")
     print(" ".join(f"{c:>{w}}" for c, w in zip(cols, (9, 9, 9, 9, 10, 7, 10), strict=True)))
     for r in results:
         hit = f"{r['hit_rate']:.3f}" if "hit_rate" in r else "-"
-        moved = f"{r['bytes_per_decode_token'] / 2**20:.2f}" if "bytes_per_decode_token" in r else "-"
+        moved = f"{r['bytes_per_decode_token'] / MiB:.2f}" if "bytes_per_decode_token" in r else "-"
         direct = f"{r['direct_share']:.0%}" if "direct_share" in r else "-"
         print(
             f"{r['budget']:>9} {r['pp_tokens_per_second']:>9.2f} {r['tg_tokens_per_second']:>9.2f} {hit:>9} "
-            f"{moved:>10} {direct:>7} {human(r['peak_rss_bytes']):>10}"
+            f"{moved:>10} {direct:>7} {format_bytes(r['peak_rss_bytes']):>10}"
         )
     if reference:
         print(

@@ -9,6 +9,7 @@ import json
 
 from . import _core
 from ._args import budget_arg
+from ._units import format_bytes
 from .gguf_info import GGUFSummary, summarize
 from .offload import PARTITIONS, auto_budget, check_partition, parse_budget
 
@@ -32,14 +33,6 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     )
     parser.add_argument("--verbose", action="store_true", help="full error tracebacks")
     return parser
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def budget_split(s: GGUFSummary, budget_text: str, per_layer: bool = True) -> dict:
@@ -90,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(d, indent=2, default=str))
         return 0
     total = s.expert_bytes + s.other_bytes
-    print(f"file          {s.path} ({human(s.file_size)})")
+    print(f"file          {s.path} ({format_bytes(s.file_size)})")
     print(f"name          {s.name or '-'}")
     print(f"architecture  {s.architecture}, {s.n_layer} layers")
     if s.is_moe:
@@ -99,33 +92,34 @@ def main(args: argparse.Namespace) -> int:
             f"experts       {s.n_expert} per layer, {s.n_expert_used} used per token{shared}; "
             f"{len(s.moe_layers)} MoE layers"
         )
-        print(f"one expert    {human(s.bytes_per_expert)} (all its projections in one layer)")
+        print(f"one expert    {format_bytes(s.bytes_per_expert)} (all its projections in one layer)")
     else:
         print("experts       none: a dense model, there are no experts to offload")
     print(
-        f"weights       {human(total)}: experts {human(s.expert_bytes)} ({s.expert_bytes / max(total, 1):.1%}), "
-        f"other {human(s.other_bytes)}"
+        f"weights       {format_bytes(total)}: experts {format_bytes(s.expert_bytes)} "
+        f"({s.expert_bytes / max(total, 1):.1%}), other {format_bytes(s.other_bytes)}"
     )
     print()
     print(f"{'type':<10}{'experts':>14}{'other':>14}{'total':>14}")
     for typ, b in s.bytes_by_type().items():
-        print(f"{typ:<10}{human(b['expert']):>14}{human(b['other']):>14}{human(b['expert'] + b['other']):>14}")
+        cells = (format_bytes(b["expert"]), format_bytes(b["other"]), format_bytes(b["expert"] + b["other"]))
+        print(f"{typ:<10}" + "".join(f"{c:>14}" for c in cells))
     if split:
         print()
         print(
-            f"budget        {human(split['budget'])}: {split['slots']} of {split['experts']} experts "
-            f"({split['share_cached']:.0%}) in slots, {human(split['allocated'])} allocated"
+            f"budget        {format_bytes(split['budget'])}: {split['slots']} of {split['experts']} experts "
+            f"({split['share_cached']:.0%}) in slots, {format_bytes(split['allocated'])} allocated"
         )
         for layers, p in group_pools(split["pools"]):
             span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
             each = " each" if len(layers) > 1 and len(p["layers"]) == 1 else ""
             print(
-                f"  layers {span}: {p['n_slots']} slots{each} of {human(p['slot_bytes'])} "
+                f"  layers {span}: {p['n_slots']} slots{each} of {format_bytes(p['slot_bytes'])} "
                 f"({p['n_slots'] / p['n_experts']:.0%} of {p['n_experts']} experts)"
             )
     if args.tensors:
         print()
         for t in s.tensors:
             flag = "E" if t.is_expert else " "
-            print(f"{flag} {t.name:<40} {t.type:<8} {list(t.shape)!s:<24} {human(t.nbytes):>12}")
+            print(f"{flag} {t.name:<40} {t.type:<8} {list(t.shape)!s:<24} {format_bytes(t.nbytes):>12}")
     return 0

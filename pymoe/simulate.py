@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _core
+from ._units import MiB
 from .offload import DEFAULT_LO_THRESHOLD, PARTITIONS, check_partition, parse_budget
 from .traces import Trace, load_trace
 
@@ -260,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print(f"hit rate {res.hit_rate:.3f}, low-precision pairs {res.lo_share_of_pairs:.1%}")
     print(
-        f"moved {res.bytes_per_token / 2**20:.1f} MiB/token, modelled {res.latency_per_token_s * 1e3:.2f} "
+        f"moved {res.bytes_per_token / MiB:.1f} MiB/token, modelled {res.latency_per_token_s * 1e3:.2f} "
         "ms/token (expert part)"
     )
     return 0

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from pagecache import evict  # tools/, beside this script
 
+from pymoe._units import format_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP = ROOT / "third_party" / "llama.cpp"
 QUANTIZE = ROOT / "build" / "llama-tools" / "bin" / "llama-quantize"
@@ -190,7 +192,7 @@ def main() -> None:
     make = [sys.executable, __file__, "--make-only", "--work", str(work)]
     make += ["--hidden", str(args.hidden), "--ff", str(args.ff), "--experts", str(args.experts)]
     size = int(subprocess.run([*make, "--layers", str(args.layers)], check=True, capture_output=True, text=True).stdout)
-    print(f"checkpoint: {size / 2**30:.2f} GiB bf16 in {time.monotonic() - t0:.0f} s ({ckpt})", flush=True)
+    print(f"checkpoint: {format_bytes(size)} bf16 in {time.monotonic() - t0:.0f} s ({ckpt})", flush=True)
     print(f"this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
 
     env = {**os.environ, "PYTHONPATH": ""}

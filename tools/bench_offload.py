@@ -54,12 +54,13 @@ from typing import Any
 
 from pagecache import cached_bytes, evict  # tools/, beside this script
 
+from pymoe._units import MiB
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(__file__).resolve().parent
 LLAMA_BENCH = ROOT / "build" / "llama-tools" / "bin" / "llama-bench"
 CGROUP_MEM = Path("/sys/fs/cgroup/memory")
 TRACE = ROOT.parent / "shared" / "traces" / "mixtral8x7b-instruct-fp8_humaneval-p0-1_decode.jsonl"
-MiB = 1 << 20
 
 
 # --------------------------------------------------------------------- memory, page cache, cgroups

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pymoe._units import format_bytes
+
 POOL_ROWS = 256  # distinct quantised rows per (type, row length)
 
 
@@ -361,18 +363,14 @@ def write_model(
 # --------------------------------------------------------------------- command line
 
 
-def _gib(n: float) -> str:
-    return f"{n / (1 << 30):.2f} GiB"
-
-
 def describe(name: str, p: Preset) -> str:
     s = sizes(p)
     return (
         f"{name}: {p.arch}, hidden {p.n_embd}, {p.n_layer} layers, {p.n_expert} experts top-{p.n_expert_used}, "
         f"expert ff {p.n_ff_exp}, {p.n_head}/{p.n_head_kv} heads x {p.head_dim}, vocab {p.n_vocab}; "
-        f"experts {p.expert_type}, other {p.other_type}: {_gib(s.total)} "
-        f"(experts {_gib(s.expert_bytes)} = {s.expert_bytes / s.total:.1%}, "
-        f"{s.bytes_per_expert / (1 << 20):.2f} MiB per expert)"
+        f"experts {p.expert_type}, other {p.other_type}: {format_bytes(s.total)} "
+        f"(experts {format_bytes(s.expert_bytes)} = {s.expert_bytes / s.total:.1%}, "
+        f"{format_bytes(s.bytes_per_expert)} per expert)"
     )
 
 
@@ -410,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     st = os.statvfs(out.parent)
     if sizes(p).total > st.f_bavail * st.f_frsize:
         print(
-            f"error: {out.parent} has {_gib(st.f_bavail * st.f_frsize)} free, the model needs {_gib(sizes(p).total)}; "
+            f"error: {out.parent} has {format_bytes(st.f_bavail * st.f_frsize)} free, "
+            f"the model needs {format_bytes(sizes(p).total)}; "
             "hint: pass -o on a larger disk, or use a scaled-down preset",
             file=sys.stderr,
         )
@@ -432,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dt = time.perf_counter() - t0
     size = out.stat().st_size
-    print(f"wrote {out} ({_gib(size)}) in {dt:.1f} s ({size / dt / 1e6:.0f} MB/s)")
+    print(f"wrote {out} ({format_bytes(size)}) in {dt:.1f} s ({size / dt / 1e6:.0f} MB/s)")
     return 0
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pymoe._units import MiB
 from pymoe.simulate import SimResult, simulate
 from pymoe.traces import Trace, load_trace
 
@@ -29,7 +30,6 @@ DEFAULT_TRACES = {
     ],
 }
 POLICIES = ("lru", "lfu", "multidim")
-MiB = 1 << 20
 BUDGETS = (0.25, 0.5, 0.75)
 
 

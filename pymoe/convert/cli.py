@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .._units import format_bytes
 from ..gguf_info import GGUF_MAGIC
 
 EPILOG = """examples:
@@ -57,14 +58,6 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     return parser
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
-
-
 def _is_gguf(path: Path) -> bool:
     if not path.is_file():
         return False
@@ -106,11 +99,11 @@ def _report(result: Any, *, sidecar_only: bool) -> None:
         by_type[key] = by_type.get(key, 0) + 1
     types = ", ".join(f"{n} {k}" for k, n in sorted(by_type.items()))
     if not sidecar_only:
-        print(f"wrote {result.output} ({human(result.output_bytes)}): {len(result.tensors)} tensors ({types})")
+        print(f"wrote {result.output} ({format_bytes(result.output_bytes)}): {len(result.tensors)} tensors ({types})")
     if result.sidecar is not None:
         n = sum(1 for t in result.tensors if t.lo_type)
         lo = sorted({t.lo_type for t in result.tensors if t.lo_type})
-        print(f"wrote {result.sidecar} ({human(result.sidecar_bytes)}): {n} expert tensors ({', '.join(lo)})")
+        print(f"wrote {result.sidecar} ({format_bytes(result.sidecar_bytes)}): {n} expert tensors ({', '.join(lo)})")
     fallbacks = result.fallbacks
     if fallbacks:
         print(
