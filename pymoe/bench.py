@@ -31,8 +31,6 @@ from ._args import add_model_args, budget_arg
 from ._units import MiB, format_bytes
 from .gguf_info import summarize
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="pymoe bench")
@@ -68,7 +66,8 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument(
         "--llama-bench",
         metavar="PATH",
-        help="the llama-bench binary (default: $PYMOE_LLAMA_BENCH, the checkout's build/llama-tools/bin/, PATH)",
+        help="the llama-bench binary (default: $PYMOE_LLAMA_BENCH, then build/llama-tools/bin/llama-bench of the "
+        "source checkout you run from, then PATH)",
     )
     return parser
 
@@ -155,16 +154,34 @@ def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
 # --- llama-bench
 
 
-def find_llama_bench(path: str | None) -> Path:
+# where tools/build_llama_tools.sh puts it, in a source checkout
+CHECKOUT_LLAMA_BENCH = Path("build") / "llama-tools" / "bin" / "llama-bench"
+
+
+def find_llama_bench(path: str | None = None) -> Path:
+    """The llama-bench to compare with: `path`; else $PYMOE_LLAMA_BENCH; else
+    build/llama-tools/bin/llama-bench of the source checkout that the current
+    folder is in (tools/build_llama_tools.sh builds it there); else one on PATH.
+    Never a path relative to this package: an installed pymoe is not a checkout."""
     if path:
         if not Path(path).is_file():
             raise FileNotFoundError(f"llama-bench not found at '{path}'; hint: tools/build_llama_tools.sh builds it")
         return Path(path)
-    built = Path("build") / "llama-tools" / "bin" / "llama-bench"
-    candidates = (os.environ.get("PYMOE_LLAMA_BENCH"), ROOT / built, Path.cwd() / built, shutil.which("llama-bench"))
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
+    env = os.environ.get("PYMOE_LLAMA_BENCH")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(
+                f"PYMOE_LLAMA_BENCH is '{env}', which is not a file; hint: point it at a built llama-bench or unset it"
+            )
+        return Path(env)
+    cwd = Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        candidate = folder / CHECKOUT_LLAMA_BENCH
+        if candidate.is_file() and (folder / "tools" / "build_llama_tools.sh").is_file():
+            return candidate
+    on_path = shutil.which("llama-bench")
+    if on_path:
+        return Path(on_path)
     raise FileNotFoundError(
         "llama-bench not found; hint: build it with tools/build_llama_tools.sh (from a source checkout), then run "
         "from the checkout, set PYMOE_LLAMA_BENCH or pass --llama-bench PATH"

@@ -75,3 +75,49 @@ def test_bench_errors(dense_gguf, tiny, tmp_path):
         str(tmp_path / "nope"),
     )
     assert missing.returncode != 0 and "llama-bench not found" in missing.stderr
+
+
+def _executable(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_find_llama_bench(tmp_path, monkeypatch):
+    from pymoe.bench import find_llama_bench
+
+    checkout = tmp_path / "checkout"
+    built = _executable(checkout / "build" / "llama-tools" / "bin" / "llama-bench")
+    (checkout / "tools").mkdir()
+    (checkout / "tools" / "build_llama_tools.sh").write_text("")
+    (checkout / "tests").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.delenv("PYMOE_LLAMA_BENCH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    # outside any checkout: not found, wherever the imported package lives
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(FileNotFoundError, match="llama-bench not found"):
+        find_llama_bench()
+    # the checkout you run from, from any folder in it
+    for cwd in (checkout, checkout / "tests"):
+        monkeypatch.chdir(cwd)
+        assert find_llama_bench() == built
+    # a build/ folder that is not in a pymoe checkout is not taken for one
+    _executable(elsewhere / "build" / "llama-tools" / "bin" / "llama-bench")
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(FileNotFoundError, match="llama-bench not found"):
+        find_llama_bench()
+    # then PATH
+    on_path = _executable(tmp_path / "bin" / "llama-bench")
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    assert find_llama_bench() == on_path
+    # the environment before both, and an explicit path before everything
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("PYMOE_LLAMA_BENCH", str(on_path))
+    assert find_llama_bench() == on_path
+    assert find_llama_bench(str(built)) == built
+    monkeypatch.setenv("PYMOE_LLAMA_BENCH", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="PYMOE_LLAMA_BENCH"):
+        find_llama_bench()
