@@ -3,9 +3,10 @@ budgets, with the engine's counters: hit rate, bytes moved per token, the
 share of pairs computed where the weights live, and peak memory.
 
 Each configuration runs in a fresh process (so its peak memory is its own).
-Prefill is one --prompt-tokens batch of random token ids from an empty
-KV cache, after one untimed warm-up run (like llama-bench's pp); decode is --gen-tokens single-token steps
-(greedy, EOS ignored; like llama-bench's tg). --vs-llama-cpp runs the pinned
+As llama-bench times its tests: one untimed warm-up prompt, then from an
+empty KV cache a --prompt-tokens batch of random token ids (BOS first when
+the model adds one) for prefill, and --gen-tokens single-token steps after
+it for decode (greedy, EOS ignored), each timed apart. --vs-llama-cpp runs the pinned
 llama.cpp's own llama-bench (tools/build_llama_tools.sh builds it) on the
 same file and prints pymoe's speed relative to it."""
 
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +32,9 @@ from . import settings as settings_mod
 from ._args import add_model_args, budget_arg
 from ._units import MiB, format_bytes
 from .gguf_info import summarize
+
+if TYPE_CHECKING:
+    from .model import Model
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -72,6 +77,126 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     return parser
 
 
+# --- the timed run (tools/bench_offload.py times its runs with it too)
+
+
+@dataclass
+class TimedRun:
+    """What `timed_run` measured: the seconds of each repetition and what this
+    process did during the timed repetitions."""
+
+    n_prompt: int
+    n_gen: int
+    pp_seconds: list[float]  # per repetition; empty without a prompt
+    tg_seconds: list[float]  # per repetition; empty without decode steps
+    wall_seconds: float  # all timed repetitions, from the first start to the last end
+    cpu_seconds: float  # this process's CPU time in them, all threads
+    read_bytes: int | None  # what this process read from block devices in them (None: not known here)
+    stats_after_prefill: dict[str, Any] | None  # the engine's raw counters after the last prefill
+    decode_stats: list[dict[str, Any]] = field(default_factory=list)  # raw counters after each decode step
+
+    @property
+    def pp_tokens_per_second(self) -> float:
+        return self.n_prompt * len(self.pp_seconds) / sum(self.pp_seconds)
+
+    @property
+    def tg_tokens_per_second(self) -> float:
+        return self.n_gen * len(self.tg_seconds) / sum(self.tg_seconds)
+
+
+def read_bytes(pid: int | str = "self") -> int | None:
+    """Bytes a process has read from block devices so far (`read_bytes` of /proc/PID/io), None where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def timed_run(
+    model: Model,
+    *,
+    n_prompt: int,
+    n_gen: int,
+    reps: int = 1,
+    warmup: bool = True,
+    seed: int = 0,
+    greedy: bool = False,
+    decode_stats: bool = False,
+) -> TimedRun:
+    """Times one test the way llama-bench does: an untimed warm-up (a prompt
+    when there is one, else one token: the file's pages mapped in, the expert
+    cache filled), the counters zeroed, then `reps` repetitions, each from an
+    empty cache: a prompt of `n_prompt` tokens in one batch, then `n_gen`
+    single-token decode steps. Tokens are random ids, BOS first when the model
+    adds one; with `greedy` a decode step feeds the previous step's argmax
+    instead (EOS ignored). With `decode_stats` the engine's raw counters are
+    read after every decode step of the last repetition (inside the timing)."""
+    if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0 or reps < 1:
+        raise ValueError("a timed run needs prompt or decode tokens (>= 0, not both 0) and at least one repetition")
+    rng = np.random.default_rng(seed)
+    bos = model.tokenize("", add_bos=True)  # [BOS] when the model adds one
+
+    def random_ids(n: int) -> list[int]:
+        ids = rng.integers(0, model.n_vocab, n).tolist()
+        if ids and bos:
+            ids[0] = bos[0]
+        return ids
+
+    if warmup:
+        model.reset()
+        model.next_token_logits(random_ids(n_prompt or 1))
+    model.reset()
+    model.reset_stats()
+    offload = model.offload.enabled
+    pp: list[float] = []
+    tg: list[float] = []
+    after_prefill: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = []
+    io0, cpu0, t0 = read_bytes(), _cpu_seconds(), time.perf_counter()
+    for rep in range(reps):
+        model.reset()
+        tokens = random_ids(n_prompt)
+        logits = None
+        if n_prompt:
+            t = time.perf_counter()
+            logits = model.next_token_logits(tokens)
+            pp.append(time.perf_counter() - t)
+            after_prefill = model.offload_stats(raw=True) if offload else None
+        if not n_gen:
+            continue
+        record = decode_stats and offload and rep == reps - 1
+        t = time.perf_counter()
+        for _ in range(n_gen):
+            if greedy and logits is not None:
+                tokens.append(int(np.argmax(logits)))
+            else:
+                tokens += random_ids(1) if not tokens else rng.integers(0, model.n_vocab, 1).tolist()
+            logits = model.next_token_logits(tokens)
+            if record:
+                steps.append(model.offload_stats(raw=True))
+        tg.append(time.perf_counter() - t)
+    t1, cpu1, io1 = time.perf_counter(), _cpu_seconds(), read_bytes()
+    return TimedRun(
+        n_prompt=n_prompt,
+        n_gen=n_gen,
+        pp_seconds=pp,
+        tg_seconds=tg,
+        wall_seconds=t1 - t0,
+        cpu_seconds=cpu1 - cpu0,
+        read_bytes=io1 - io0 if io0 is not None and io1 is not None else None,
+        stats_after_prefill=after_prefill,
+        decode_stats=steps,
+    )
+
+
 # --- one configuration (in the child process)
 
 
@@ -83,27 +208,19 @@ def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
     t_load = time.perf_counter()
     with Model(args.model, settings) as m:
         load_seconds = time.perf_counter() - t_load
-        rng = np.random.default_rng(args.seed)
-        prompt = rng.integers(0, m.n_vocab, args.prompt_tokens).tolist()
-        if args.warmup:
-            # as llama-bench does: one untimed run first (the file's pages mapped in, the
-            # expert cache filled), then the counters start from zero
-            m.next_token_logits(prompt)
-            m.reset()
-            m.reset_stats()
-        t0 = time.perf_counter()
-        logits = m.next_token_logits(prompt)
-        pp_seconds = time.perf_counter() - t0
-        after_pp = m.offload_stats(raw=True)
-        tokens = list(prompt)
+        run = timed_run(
+            m,
+            n_prompt=args.prompt_tokens,
+            n_gen=args.gen_tokens,
+            warmup=args.warmup,
+            seed=args.seed,
+            greedy=True,
+            decode_stats=True,
+        )
+        after_pp = run.stats_after_prefill
         per_token: list[list[tuple[int, int]]] = []  # per decode token, per layer: (hits, lookups)
-        prev = after_pp
-        t1 = time.perf_counter()
-        for _ in range(args.gen_tokens):
-            tokens.append(int(np.argmax(logits)))
-            logits = m.next_token_logits(tokens)
-            if prev is not None:
-                cur = m.offload_stats(raw=True)
+        if after_pp is not None:
+            for cur, prev in zip(run.decode_stats, [after_pp, *run.decode_stats[:-1]], strict=True):
                 per_token.append(
                     [
                         (
@@ -113,16 +230,14 @@ def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
                         for c, p in zip(cur["layers"], prev["layers"], strict=True)
                     ]
                 )
-                prev = cur
-        tg_seconds = time.perf_counter() - t1
         stats = m.offload_stats()
         raw = m.offload_stats(raw=True)
         result: dict[str, Any] = {
             "budget": budget,
             "offload": m.offload.enabled,
             "load_seconds": load_seconds,
-            "pp_tokens_per_second": args.prompt_tokens / pp_seconds,
-            "tg_tokens_per_second": args.gen_tokens / tg_seconds,
+            "pp_tokens_per_second": run.pp_tokens_per_second,
+            "tg_tokens_per_second": run.tg_tokens_per_second,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
         if stats:

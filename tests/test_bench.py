@@ -121,3 +121,24 @@ def test_find_llama_bench(tmp_path, monkeypatch):
     monkeypatch.setenv("PYMOE_LLAMA_BENCH", str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="PYMOE_LLAMA_BENCH"):
         find_llama_bench()
+
+
+def test_timed_run(tiny):
+    from pymoe import Model
+    from pymoe.bench import timed_run
+
+    with Model(tiny.gguf("mixtral"), n_ctx=64, offload="on", expert_budget=0.5) as m:
+        run = timed_run(m, n_prompt=8, n_gen=4, reps=2, greedy=True, decode_stats=True)
+        assert len(run.pp_seconds) == len(run.tg_seconds) == 2 and run.wall_seconds >= sum(run.tg_seconds)
+        assert run.pp_tokens_per_second > 0 and run.tg_tokens_per_second > 0 and run.cpu_seconds > 0
+        # the counters were zeroed after the warm-up: two repetitions of 8 + 4 tokens
+        assert m.offload_stats()["steps"] > 0 and len(run.decode_stats) == 4
+        before = run.stats_after_prefill["layers"]
+        after = run.decode_stats[-1]["layers"]
+        assert sum(a["pairs"] - b["pairs"] for a, b in zip(after, before, strict=True)) > 0
+        assert run.read_bytes is None or run.read_bytes >= 0
+        # decode only, from an empty cache, as llama-bench's tg
+        tg = timed_run(m, n_prompt=0, n_gen=3)
+        assert tg.pp_seconds == [] and len(tg.tg_seconds) == 1 and tg.stats_after_prefill is None
+        with pytest.raises(ValueError, match="prompt or decode tokens"):
+            timed_run(m, n_prompt=0, n_gen=0)

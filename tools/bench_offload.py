@@ -2,7 +2,7 @@
 """CPU-only benchmark of the expert-offload engine under a memory limit.
 
 On one synthetic model (tools/make_synthetic_moe.py) at least twice the size
-of a cgroup v1 memory limit (page cache counted), measures prefill (a 512-token
+of a cgroup memory limit (page cache counted), measures prefill (a 512-token
 prompt, like llama-bench's pp512) and decode (128 tokens from an empty cache,
 like tg128) tokens/s of:
 
@@ -16,17 +16,20 @@ like tg128) tokens/s of:
 then, with --sweep, pymoe's decode under the same limit for several budgets
 and policies, and with --ablation, with each technique on and off (CPU
 assist, the multidim policy, low-precision copies, prefetching). Every run
-is a fresh process placed into its own memory cgroup
-(/sys/fs/cgroup/memory/pymoe_bench_*) before it opens the model, after the
-model file has been evicted from the page cache. Reported per run: tokens/s,
+is a fresh process placed into its own memory cgroup (pymoe_bench_* in the
+cgroup v1 memory hierarchy, or in the cgroup v2 hierarchy when that has the
+memory controller) before it opens the model, after the model file has been
+evicted from the page cache. pymoe runs are timed by `pymoe.bench.timed_run`,
+as `pymoe bench` times them. Reported per run: tokens/s,
 hit rate, bytes read from disk per token (the process's read_bytes over the
 measured phase; for pymoe also the engine's own count), the disk roofline
 (bandwidth / bytes per token, with the bandwidth measured here with O_DIRECT)
-and the cgroup's peak memory. Needs root, cgroup v1 and llama-bench
-(tools/build_llama_tools.sh).
+and the cgroup's peak memory. Needs root, a memory cgroup controller,
+llama-bench for a and b (tools/build_llama_tools.sh) and the Mixtral-8x7B decode
+trace for c, --sweep and --ablation (--trace).
 
-    python tools/bench_offload.py                      # mixtral-mini, 576 MiB, (a)-(e)
-    python tools/bench_offload.py --sweep --json out.json
+    python tools/bench_offload.py --trace T.jsonl      # mixtral-mini, 576 MiB, (a)-(e)
+    python tools/bench_offload.py --trace T.jsonl --sweep --json out.json
     python tools/bench_offload.py --worker '{...}'     # internal: one pymoe run
 
 Benchmarks, not tests: the numbers depend on the machine (and on whatever
@@ -50,51 +53,95 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pagecache import cached_bytes, evict  # tools/, beside this script
 
 from pymoe._units import MiB
+from pymoe.bench import find_llama_bench, read_bytes, timed_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(__file__).resolve().parent
-LLAMA_BENCH = ROOT / "build" / "llama-tools" / "bin" / "llama-bench"
-CGROUP_MEM = Path("/sys/fs/cgroup/memory")
-TRACE = ROOT.parent / "shared" / "traces" / "mixtral8x7b-instruct-fp8_humaneval-p0-1_decode.jsonl"
+TRACE_NAME = "mixtral8x7b-instruct-fp8_humaneval-p0-1_decode.jsonl"  # the Mixtral-8x7B decode trace
 
 
 # --------------------------------------------------------------------- memory, page cache, cgroups
 
 
+def memory_hierarchy() -> tuple[int, Path] | None:
+    """Where memory cgroups are made here, read from /proc/self/mounts: (1, the cgroup v1 memory
+    hierarchy) or (2, the cgroup v2 hierarchy when it has the memory controller), as
+    pymoe.offload.available_memory reads either; None without a memory controller."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    unified = None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        mount, fstype, options = Path(fields[1]), fields[2], fields[3].split(",")
+        if fstype == "cgroup" and "memory" in options:
+            return 1, mount
+        if fstype == "cgroup2":
+            with contextlib.suppress(OSError):
+                if "memory" in (mount / "cgroup.controllers").read_text().split():
+                    unified = mount
+    return (2, unified) if unified is not None else None
+
+
 class MemCgroup:
-    """A cgroup v1 memory cgroup for one run: `limit` bytes (None: no limit,
-    only accounting). Removed on exit; processes left in it are killed."""
+    """A memory cgroup for one run (cgroup v1 or v2, see `memory_hierarchy`): `limit` bytes
+    (None: no limit, only accounting). Removed on exit; processes left in it are killed."""
 
     _n = 0
+    # v1 / v2 interface files
+    LIMIT: ClassVar = {1: "memory.limit_in_bytes", 2: "memory.max"}
+    PEAK: ClassVar = {1: "memory.max_usage_in_bytes", 2: "memory.peak"}
 
     def __init__(self, limit: int | None) -> None:
+        found = memory_hierarchy()
+        if found is None:
+            raise RuntimeError("no memory cgroup controller; hint: run where cgroup v1 or v2 has the memory controller")
+        self.version, root = found
         MemCgroup._n += 1
-        self.path = CGROUP_MEM / f"pymoe_bench_{os.getpid()}_{MemCgroup._n}"
+        self.root = root
+        self.path = root / f"pymoe_bench_{os.getpid()}_{MemCgroup._n}"
         self.limit = limit
 
     def __enter__(self) -> MemCgroup:
+        if self.version == 2:
+            control = self.root / "cgroup.subtree_control"
+            if "memory" not in control.read_text().split():
+                control.write_text("+memory")  # the children of the root get the memory controller
         self.path.mkdir()
         if self.limit is not None:
-            (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
+            (self.path / self.LIMIT[self.version]).write_text(str(self.limit))
         return self
 
     def read(self, name: str) -> str:
         return (self.path / name).read_text()
 
     def peak(self) -> int:
-        return int(self.read("memory.max_usage_in_bytes"))
+        """The most memory the cgroup used (page cache included)."""
+        name = self.PEAK[self.version]
+        if not (self.path / name).is_file():
+            raise RuntimeError(f"{self.path} has no {name}; hint: cgroup v2 reports peaks from Linux 5.19 on")
+        return int(self.read(name))
 
-    def stat(self) -> dict[str, int]:
-        out = {}
-        for line in self.read("memory.stat").splitlines():
-            k, v = line.split()
-            out[k] = int(v)
-        return out
+    def _events(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (line.split() for line in self.read("memory.events").splitlines())}
+
+    def failcnt(self) -> int:
+        """How often the cgroup hit its limit."""
+        return int(self.read("memory.failcnt")) if self.version == 1 else self._events().get("max", 0)
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel killed a process of the cgroup for memory."""
+        if self.version == 1:
+            return "oom_kill 1" in self.read("memory.oom_control")
+        return self._events().get("oom_kill", 0) > 0
 
     def __exit__(self, *exc: object) -> None:
         for _ in range(50):
@@ -152,16 +199,6 @@ def wait_for_quiet_cpu(max_wait: float, threshold: float) -> float:
             return share
 
 
-def proc_read_bytes(pid: int | str = "self") -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 @dataclass
 class Finished:
     returncode: int
@@ -203,7 +240,7 @@ def run_in_cgroup(argv: list[str], cg: MemCgroup, timeout: float, mark_prefix: s
         for line in proc.stderr:  # type: ignore[union-attr]
             err.append(line)
             if mark_prefix and line.startswith(mark_prefix):
-                marks.append((line.strip(), time.perf_counter() - t0, proc_read_bytes(proc.pid)))
+                marks.append((line.strip(), time.perf_counter() - t0, read_bytes(proc.pid)))
         _, status, ru = os.wait4(proc.pid, 0)
     except BaseException:  # interrupted: the caller's cgroup exit kills what is left
         kill()
@@ -282,11 +319,10 @@ def disk_bandwidth(path: Path, seconds: float = 1.5, patterns: tuple[str, ...] |
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One pymoe run: load, warm up like llama-bench, measure; returns a JSON-able dict."""
-    io0 = proc_read_bytes()
+    """One pymoe run: load, then `pymoe.bench.timed_run` (warm-up and timing as llama-bench's);
+    returns a JSON-able dict."""
+    io0 = read_bytes()
     t0 = time.perf_counter()
-    import numpy as np
-
     import pymoe
     from pymoe.traces import load_trace
 
@@ -301,42 +337,19 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         kw["offload"] = "off"
     m = pymoe.Model(spec["model"], **kw)
-    load_s, io_load = time.perf_counter() - t0, proc_read_bytes()
-    rng = np.random.default_rng(0)
-    n = spec["tokens"]
-
-    def run_once() -> float:
-        m.reset()
-        toks = [1, *rng.integers(3, m.n_vocab, n - 1).tolist()]  # BOS, then random ids (llama-bench's way)
-        t = time.perf_counter()
-        if spec["mode"] == "pp":
-            m.next_token_logits(toks)
-        else:
-            for i in range(n):
-                m.next_token_logits(toks[: i + 1])
-        return time.perf_counter() - t
-
-    # warm-up as llama-bench does it: the whole prompt for pp, one token for tg
-    if spec["mode"] == "pp":
-        run_once()
-    else:
-        m.reset()
-        m.next_token_logits([1])
-    if m.offload.enabled:
-        m.reset_stats()
-    io1, ru1, w1 = proc_read_bytes(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    times = [run_once() for _ in range(spec["reps"])]
-    io2, ru2, w2 = proc_read_bytes(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    cpu = (ru2.ru_utime + ru2.ru_stime) - (ru1.ru_utime + ru1.ru_stime)
+    load_s, io_load = time.perf_counter() - t0, read_bytes()
+    n, pp = spec["tokens"], spec["mode"] == "pp"
+    run = timed_run(m, n_prompt=n if pp else 0, n_gen=0 if pp else n, reps=spec["reps"])
+    times = run.pp_seconds if pp else run.tg_seconds
     st = m.offload_stats()
     out = {
         "load_seconds": load_s,
         "seconds": times,
         "tokens_per_second": [n / t for t in times],
         "read_bytes_load": (io_load or 0) - (io0 or 0),
-        "read_bytes_measured": (io2 or 0) - (io1 or 0),
+        "read_bytes_measured": run.read_bytes or 0,
         "measured_tokens": n * spec["reps"],
-        "cpu_util_measured": cpu / (w2 - w1),
+        "cpu_util_measured": run.cpu_seconds / run.wall_seconds,
         "offload": {k: v for k, v in st.items() if k != "per_layer"} if st else None,
         "budget": m.offload.budget if m.offload.enabled else None,
         "offload_reason": m.offload.reason,
@@ -403,7 +416,7 @@ class Bench:
 
     def llama_bench(self, config: str, mode: str, limit: int | None, tokens: int, reps: int) -> RunResult:
         a = self.args
-        argv = [str(LLAMA_BENCH), "-m", str(self.model), "-t", str(a.threads), "-fa", "off", "-lm", "mmap"]
+        argv = [str(a.llama_bench), "-m", str(self.model), "-t", str(a.threads), "-fa", "off", "-lm", "mmap"]
         argv += ["--repack", "0", "-r", str(reps), "-o", "json", "--progress"]
         argv += ["-p", str(tokens), "-n", "0"] if mode == "pp" else ["-p", "0", "-n", str(tokens)]
         what = "llama-bench (mmap)" + (" under the limit" if limit else ", unconstrained")
@@ -415,7 +428,7 @@ class Bench:
         with MemCgroup(limit) as cg:
             fin = run_in_cgroup(argv, cg, self.timeout(a.run_timeout), mark_prefix="llama-bench: benchmark")
             res.peak_memory = cg.peak()
-            res.extra["failcnt"] = int(cg.read("memory.failcnt"))
+            res.extra["failcnt"] = cg.failcnt()
         self.note_process(res, fin)
         res.extra["marks"] = fin.marks
         if fin.timed_out or fin.returncode != 0:
@@ -478,8 +491,8 @@ class Bench:
         with MemCgroup(limit) as cg:
             fin = run_in_cgroup(argv, cg, self.timeout(a.run_timeout))
             res.peak_memory = cg.peak()
-            res.extra["failcnt"] = int(cg.read("memory.failcnt"))
-            res.extra["oom_kill"] = "oom_kill 1" in cg.read("memory.oom_control")
+            res.extra["failcnt"] = cg.failcnt()
+            res.extra["oom_kill"] = cg.oom_killed()
         self.note_process(res, fin)
         if fin.timed_out or fin.returncode != 0:
             why = "timed out" if fin.timed_out else f"exit {fin.returncode}"
@@ -642,11 +655,27 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", default="mixtral-mini", help="synthetic model preset (tools/make_synthetic_moe.py)")
     ap.add_argument("--model", type=Path, help="use this GGUF instead of generating one (kept)")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/pymoe-bench"), help="where the model is generated")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=ROOT / "build" / "bench",
+        help="where the model is generated (default: build/bench in this checkout; not a tmpfs: the runs read it "
+        "from the disk)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated model")
     ap.add_argument("--limit", default="576MiB", help="cgroup memory limit (page cache counted)")
     ap.add_argument("--reserve", default="128MiB", help="pymoe budget = limit - non-expert weights - KV - reserve")
-    ap.add_argument("--trace", type=Path, default=TRACE, help="routing trace to replay (Mixtral-8x7B decode)")
+    ap.add_argument(
+        "--trace",
+        type=Path,
+        help=f"the routing trace to replay, for c, --sweep and --ablation: the Mixtral-8x7B decode trace {TRACE_NAME}",
+    )
+    ap.add_argument(
+        "--llama-bench",
+        metavar="PATH",
+        help="llama-bench for a and b (default: as `pymoe bench --vs-llama-cpp` finds it: $PYMOE_LLAMA_BENCH, "
+        "build/llama-tools/bin/ of the checkout you run from, PATH)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pp", type=int, default=512, help="prompt tokens (prefill)")
     ap.add_argument("--tg", type=int, default=128, help="generated tokens (decode)")
@@ -681,15 +710,26 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def needs_trace(args: argparse.Namespace) -> bool:
+    """Whether a run replays the trace: (c), the sweep and the ablation's replayed rows."""
+    return "c" in args.configs.split(",") or args.sweep or args.ablation
+
+
 def check_environment(args: argparse.Namespace) -> str | None:
     if os.geteuid() != 0:
         return "needs root (memory cgroups)"
-    if not (CGROUP_MEM / "memory.limit_in_bytes").is_file():
-        return f"no cgroup v1 memory controller at {CGROUP_MEM}"
-    if not LLAMA_BENCH.is_file() and any(c in args.configs for c in "ab"):
-        return f"{LLAMA_BENCH} is missing; hint: run tools/build_llama_tools.sh (~4 min)"
-    if not args.trace.is_file():
-        return f"trace {args.trace} is missing; hint: pass --trace"
+    if memory_hierarchy() is None:
+        return "no memory cgroup controller (cgroup v1 memory, or cgroup v2 with the memory controller)"
+    if any(c in args.configs.split(",") for c in "ab"):
+        try:
+            args.llama_bench = find_llama_bench(args.llama_bench)
+        except FileNotFoundError as e:
+            return str(e)
+    if needs_trace(args):
+        if args.trace is None:
+            return f"configuration c, --sweep and --ablation replay a routing trace; hint: pass --trace {TRACE_NAME}"
+        if not args.trace.is_file():
+            return f"trace {args.trace} is missing; hint: pass --trace FILE"
     return None
 
 
@@ -767,7 +807,7 @@ def run(args: argparse.Namespace, model: Path, pymoe: Any, kv_cache_bytes: Any) 
         "disk_bandwidth": bw,
         "roofline_bandwidth": bench.bw,
         "threads": args.threads,
-        "trace": str(args.trace),
+        "trace": str(args.trace) if args.trace else None,
         "cpu": _cpu_name(),
         "argv": sys.argv[1:],
     }
