@@ -19,7 +19,8 @@ except ImportError as e:  # a source checkout shadowing the installed package
     ) from e
 from .conversation import Conversation
 from .gguf_info import GGUFSummary, summarize
-from .model import GenerationStats, Model, PerplexityResult, SamplingParams
+from .model import GenerationStats, Model, SamplingParams
+from .perplexity import LogitsReference, PerplexityResult, ReferenceComparison
 from .settings import Settings
 
 try:
@@ -33,8 +34,10 @@ __all__ = [
     "Conversation",
     "GGUFSummary",
     "GenerationStats",
+    "LogitsReference",
     "Model",
     "PerplexityResult",
+    "ReferenceComparison",
     "SamplingParams",
     "Settings",
     "__version__",

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pymoe.generate", "continue a prompt and print the text"),
     "info": ("pymoe.info", "architecture, experts and bytes by quant type of a GGUF file"),
     "eval": ("pymoe.evaluate", "teacher-forced logits of a text or of token ids, saved as .npy"),
-    "perplexity": ("pymoe.perplexity", "perplexity of a model on a text file"),
+    "perplexity": ("pymoe.perplexity", "perplexity on a text file; KL divergence against a saved reference run"),
     "demo": ("pymoe.demo", "chat with the built-in demo MoE (SmolLM2-135M upcycled)"),
     "bench": ("pymoe.bench", "prefill/decode speed and cache counters at one or more expert budgets"),
     "simulate": ("pymoe.simulate", "replay a routing trace through the cache and planner; hit rate, bytes, latency"),

@@ -20,6 +20,7 @@ import numpy as np
 from . import _core
 from .gguf_info import GGUFSummary, check_gguf_path, summarize
 from .offload import summarize_stats
+from .perplexity import perplexity as _perplexity
 from .settings import Settings
 
 Message = dict[str, str]
@@ -288,44 +289,9 @@ class Model:
             self._past = [int(t) for t in arr]
             return out
 
-    def perplexity(self, tokens: Tokens, *, n_ctx: int | None = None) -> PerplexityResult:
-        """Perplexity the way llama.cpp's `llama-perplexity` measures it: the
-        tokens are cut into chunks of `n_ctx`; each chunk is evaluated from an
-        empty cache and the second half of its positions is scored."""
-        ctx = int(n_ctx or min(self.n_ctx, 512))
-        if ctx > self.n_ctx or ctx < 2:
-            raise ValueError(f"n_ctx for perplexity must be in [2, {self.n_ctx}]")
-        arr = self._check_tokens(tokens)
-        n_chunks = len(arr) // ctx
-        if n_chunks == 0:
-            raise ValueError(f"need at least {ctx} tokens for one chunk of perplexity, got {len(arr)}")
-        bos = int(self._native.token_bos)
-        nll: list[float] = []
-        top1: list[int] = []
-        first = ctx // 2
-        for c in range(n_chunks):
-            chunk = arr[c * ctx : (c + 1) * ctx].copy()
-            target = chunk.copy()
-            if self._native.add_bos and bos >= 0:
-                chunk[0] = bos
-            logits = self.logits(chunk)
-            rows = logits[first - 1 : ctx - 1].astype(np.float64)
-            tgt = target[first:ctx]
-            m = rows.max(axis=1, keepdims=True)
-            logz = m[:, 0] + np.log(np.exp(rows - m).sum(axis=1))
-            nll.extend((logz - rows[np.arange(len(tgt)), tgt]).tolist())
-            top1.extend(rows.argmax(axis=1).tolist())
-        nll_arr = np.asarray(nll)
-        mean = float(nll_arr.mean())
-        err = float(nll_arr.std(ddof=1) / np.sqrt(len(nll_arr))) if len(nll_arr) > 1 else 0.0
-        return PerplexityResult(
-            perplexity=float(np.exp(mean)),
-            nll=mean,
-            nll_stderr=err,
-            n_tokens=len(nll_arr),
-            n_chunks=n_chunks,
-            n_ctx=ctx,
-        )
+    # perplexity(tokens, *, n_ctx, chunks, token_by_token, reference, save_reference, force): see
+    # pymoe/perplexity.py; also compares a run with a saved reference (KL divergence, top-1 agreement)
+    perplexity = _perplexity
 
     # ------------------------------------------------------------------ generation
 
@@ -507,16 +473,3 @@ class Model:
     @property
     def last_stats(self) -> GenerationStats:
         return self._totals.last
-
-
-@dataclass
-class PerplexityResult:
-    perplexity: float
-    nll: float
-    nll_stderr: float
-    n_tokens: int
-    n_chunks: int
-    n_ctx: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
