@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import settings as settings_mod
+from . import stats as counters
 from ._args import add_model_args, budget_arg
 from ._units import MiB, format_bytes
 from .gguf_info import summarize
@@ -223,11 +224,8 @@ def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
             for cur, prev in zip(run.decode_stats, [after_pp, *run.decode_stats[:-1]], strict=True):
                 per_token.append(
                     [
-                        (
-                            c["hits"] + c["hits_lo"] - p["hits"] - p["hits_lo"],
-                            c["hits"] + c["hits_lo"] + c["misses"] - p["hits"] - p["hits_lo"] - p["misses"],
-                        )
-                        for c, p in zip(cur["layers"], prev["layers"], strict=True)
+                        (d["hits"] + d["hits_lo"], counters.lookups(d))
+                        for d in (counters.difference(c, p) for c, p in zip(cur["layers"], prev["layers"], strict=True))
                     ]
                 )
         stats = m.offload_stats()

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import _core
+from . import _core, stats
 from ._units import MiB
 from .offload import DEFAULT_LO_THRESHOLD, PARTITIONS, check_partition, parse_budget
 from .traces import Trace, load_trace
@@ -96,6 +96,11 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         "(default: %(default)s)",
     )
     parser.add_argument("--no-cpu-assist", action="store_true", help="never compute a miss where it lives")
+    parser.add_argument(
+        "--no-admission",
+        action="store_true",
+        help="do not upload misses computed on the CPU into the cache in the background",
+    )
     parser.add_argument("--link-gbps", type=float, default=16.0, help="slot loads, GB/s (default: %(default)s)")
     parser.add_argument(
         "--device-gbps",
@@ -137,6 +142,9 @@ class SimResult:
     loads_lo: int
     direct: int
     upgrades: int
+    admissions: int  # misses also uploaded into the cache in the background
+    admitted_per_token: float  # bytes of those uploads (off the critical path)
+    link_utilisation: float  # share of the modelled time the link was moving loads and uploads (<= 1)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +167,7 @@ def simulate(
     cpu_gbps: float = 40.0,
     layer_ms: float = 0.0,
     skip_rows: int | None = None,
+    admission: bool = True,
 ) -> SimResult:
     """Replays `trace` (a `Trace`, or the file(s) `load_trace` reads with `skip_rows`)
     through the engine's cache, `policy` and planner.
@@ -167,7 +176,9 @@ def simulate(
     `preset` names the traced model (default: the preset with the trace's routing
     shape) and `expert_bytes` overrides its expert size. `lo_type` simulates
     low-precision copies of that type (LO_BITS) in `lo_share` of the budget, used
-    below `lo_threshold`. The bandwidths model decode (see the module's doc)."""
+    below `lo_threshold`. The bandwidths model decode (see the module's doc).
+    `admission`: misses computed on the CPU are also uploaded into the cache
+    while the link is idle (the engine's background admission)."""
     if not isinstance(trace, Trace):
         trace = load_trace(trace, skip_rows=skip_rows)
     if preset:
@@ -200,11 +211,10 @@ def simulate(
         per_layer=check_partition(cache_partition),
         assist=cpu_assist, link_bw=link_gbps * 1e9, direct_bw=0.0,
         fast_flops=device_gbps * 1e9 * per_byte, slow_flops=cpu_gbps * 1e9 * per_byte,
-        flops_per_token=flops, layer_seconds=layer_ms / 1e3,
+        flops_per_token=flops, layer_seconds=layer_ms / 1e3, admission=admission,
     )  # fmt: skip
     sim.run(trace.experts, trace.weights)
     r = sim.result()
-    lookups = r["hits"] + r["hits_lo"] + r["misses"]
     return SimResult(
         trace=trace.name,
         preset=model.name,
@@ -216,7 +226,7 @@ def simulate(
         n_slots=r["n_slots"],
         n_slots_lo=r["n_slots_lo"],
         lo_type=lo_type,
-        hit_rate=(r["hits"] + r["hits_lo"]) / lookups if lookups else 0.0,
+        hit_rate=stats.hit_rate(r) or 0.0,
         lo_share_of_pairs=r["lo_pairs"] / r["pairs"] if r["pairs"] else 0.0,
         bytes_per_token=r["bytes_moved"] / r["tokens"] if r["tokens"] else 0.0,
         latency_per_token_s=r["seconds"] / r["tokens"] if r["tokens"] else 0.0,
@@ -224,6 +234,9 @@ def simulate(
         loads_lo=r["loads_lo"],
         direct=r["direct"],
         upgrades=r["upgrades"],
+        admissions=r["admissions"],
+        admitted_per_token=r["bytes_admitted"] / r["tokens"] if r["tokens"] else 0.0,
+        link_utilisation=r["link_busy_seconds"] / r["seconds"] if r["seconds"] else 0.0,
     )
 
 
@@ -249,6 +262,7 @@ def main(args: argparse.Namespace) -> int:
         cpu_gbps=args.cpu_gbps,
         layer_ms=args.layer_ms,
         skip_rows=args.skip_rows,
+        admission=not args.no_admission,
     )
     if args.json:
         print(json.dumps(res.as_dict()))
@@ -264,4 +278,9 @@ def main(args: argparse.Namespace) -> int:
         f"moved {res.bytes_per_token / MiB:.1f} MiB/token, modelled {res.latency_per_token_s * 1e3:.2f} "
         "ms/token (expert part)"
     )
+    if res.admissions:
+        print(
+            f"admitted {res.admissions} experts in the background ({res.admitted_per_token / MiB:.1f} MiB/token), "
+            f"link busy {res.link_utilisation:.0%} of the time"
+        )
     return 0
