@@ -167,6 +167,53 @@ PYBIND11_MODULE(_core, mod) {
         py::arg("path"), py::arg("max_array") = 64,
         "Reads a GGUF header (metadata and tensor table) without loading weights.");
 
+    // --- platform: what this OS lets the disk tier do, available memory, the read path for tests
+    mod.def(
+        "platform_capabilities",
+        [](const std::string & path) {
+            const pymoe::platform_caps c = pymoe::platform_capabilities(path);
+            return py::dict(py::arg("os") = c.os, py::arg("uncached_reads") = c.uncached_reads,
+                            py::arg("drop_file_cache") = c.drop_file_cache,
+                            py::arg("mapping_will_need") = c.mapping_will_need,
+                            py::arg("mapping_release") = c.mapping_release, py::arg("memory_limit") = c.memory_limit,
+                            py::arg("available_memory") = c.available_memory);
+        },
+        py::arg("path") = "",
+        "What this OS lets the disk tier do; with a path, uncached_reads is that file system's answer.");
+    mod.def("available_memory", &pymoe::available_memory,
+            "Bytes this process may still use (Linux: capped by its cgroup's memory limit).");
+    mod.def(
+        "platform_read",
+        [](const std::string & path, uint64_t offset, uint64_t size, bool uncached) {
+            std::string out;
+            {
+                py::gil_scoped_release release;
+                out = pymoe::platform_read(path, offset, size, uncached);
+            }
+            return py::bytes(out);
+        },
+        py::arg("path"), py::arg("offset"), py::arg("size"), py::arg("uncached") = true,
+        "Reads a byte range through the platform layer, as an expert store does (for tests).");
+    mod.def(
+        "expert_read",
+        [](const std::string & path, int32_t il, int32_t e, bool direct_io) {
+            std::vector<std::string> parts;
+            {
+                py::gil_scoped_release release;
+                parts = pymoe::expert_read(path, il, e, direct_io);
+            }
+            py::list out;
+            for (const auto & p : parts) {
+                out.append(py::bytes(p));
+            }
+            return out;
+        },
+        py::arg("path"), py::arg("layer"), py::arg("expert"), py::arg("direct_io") = true,
+        "Reads one expert as a slot load does: each projection's bytes (gate, up, down or gate_up, down).");
+    mod.def("io_fault", &pymoe::io_fault_set, py::arg("kind"), py::arg("nth"), py::arg("count") = 1,
+            "Tests: read requests nth .. nth+count-1 from now fail (kind: eio, short, eintr, partial).");
+    mod.def("io_fault_clear", &pymoe::io_fault_clear);
+
     // --- ggml types and quantisation
     mod.def("quant_types", &pymoe::quant_type_names, "Types `quantize` accepts (no importance matrix needed).");
     mod.def(

@@ -6,26 +6,16 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <regex>
 #include <stdexcept>
-
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 namespace pymoe {
 
 namespace {
 
-constexpr uint64_t k_align = 4096;            // O_DIRECT alignment (file offset, length, buffer)
 constexpr uint64_t k_chunk = 8ull << 20;      // one read request; bounds the bounce buffers
 constexpr uint64_t k_release_margin = 128 << 10;  // > the kernel's fault-around window (64 KiB by default)
-
-uint64_t align_down(uint64_t x) { return x & ~(k_align - 1); }
-uint64_t align_up(uint64_t x) { return (x + k_align - 1) & ~(k_align - 1); }
 
 const char * k_proj_names[PROJ_COUNT] = { "gate", "up", "down", "gate_up" };
 
@@ -49,7 +39,7 @@ const expert_proj * expert_layer::find(proj_kind k) const {
 //
 
 io_pool::io_pool(int n_threads) {
-    scratch_.assign((size_t) std::max(1, n_threads), { nullptr, 0 });
+    scratch_.resize((size_t) std::max(1, n_threads));
     for (int i = 0; i < std::max(1, n_threads); ++i) {
         threads_.emplace_back([this, i] { loop(i); });
     }
@@ -64,25 +54,17 @@ io_pool::~io_pool() {
     for (auto & t : threads_) {
         t.join();
     }
-    for (auto & [p, n] : scratch_) {
-        free(p);
-    }
 }
 
 uint8_t * io_pool::scratch(int worker, size_t bytes) {
     auto & [p, n] = scratch_[(size_t) worker];
     if (n < bytes) {
-        free(p);
-        p = nullptr;
+        p.reset();
         n = 0;
-        void * q = nullptr;
-        if (posix_memalign(&q, k_align, bytes) != 0) {
-            throw std::runtime_error("out of memory for a read buffer");
-        }
-        p = static_cast<uint8_t *>(q);
+        p = aligned_alloc_bytes(bytes);
         n = bytes;
     }
-    return p;
+    return p.get();
 }
 
 void io_pool::loop(int worker) {
@@ -143,7 +125,12 @@ void io_pool::run(std::vector<std::function<void(int)>> & tasks) {
 
 expert_store::expert_store(const std::string & path, int32_t n_layer, int32_t n_expert, bool direct_io,
                            int io_threads, bool from_host)
-    : path_(path), n_layer_(n_layer), n_expert_(n_expert), from_host_(from_host), io_(io_threads) {
+    : path_(path),
+      n_layer_(n_layer),
+      n_expert_(n_expert),
+      from_host_(from_host),
+      file_(path, direct_io),
+      io_(io_threads) {
     const gguf_info info = gguf_read_info(path, 0);
     layers_.resize((size_t) std::max(n_layer, 0));
     static const std::regex re(R"(^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_(ch)?exps\.weight$)");
@@ -188,28 +175,9 @@ expert_store::expert_store(const std::string & path, int32_t n_layer, int32_t n_
                                      "can offload");
         }
     }
-
-    fd_ = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) {
-        throw std::runtime_error("cannot open '" + path + "': " + strerror(errno));
-    }
-#ifdef O_DIRECT
-    if (direct_io) {
-        fd_direct_ = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);  // -1 on file systems without it
-    }
-#else
-    (void) direct_io;
-#endif
 }
 
-expert_store::~expert_store() {
-    if (fd_direct_ >= 0) {
-        close(fd_direct_);
-    }
-    if (fd_ >= 0) {
-        close(fd_);
-    }
-}
+expert_store::~expert_store() = default;
 
 const expert_layer * expert_store::layer(int32_t il) const {
     if (il < 0 || il >= (int32_t) layers_.size() || layers_[il].il < 0) {
@@ -238,57 +206,12 @@ void expert_store::set_host(int32_t il, proj_kind kind, const uint8_t * data) {
 }
 
 void expert_store::read_range(uint64_t off, uint64_t size, const read_dst & dst, uint8_t * bounce) {
-    auto pread_all = [](int fd, uint8_t * buf, uint64_t n, uint64_t at, const std::string & path) {
-        uint64_t done = 0;
-        while (done < n) {
-            const ssize_t r = pread(fd, buf + done, n - done, (off_t) (at + done));
-            if (r < 0 && errno == EINTR) {
-                continue;
-            }
-            if (r <= 0) {
-                throw std::runtime_error("reading '" + path + "' at byte " + std::to_string(at + done) +
-                                         " failed: " + (r == 0 ? std::string("end of file") : strerror(errno)));
-            }
-            done += (uint64_t) r;
-        }
-    };
-
-    const uint8_t * src = nullptr;
-    if (fd_direct_ >= 0) {
-        // the aligned span around [off, off + size); the file's end may cut it short
-        const uint64_t a0  = align_down(off);
-        const uint64_t a1  = align_up(off + size);
-        uint8_t *      buf = bounce;
-        uint64_t       got = 0;
-        while (got < a1 - a0) {
-            const ssize_t r = pread(fd_direct_, buf + got, a1 - a0 - got, (off_t) (a0 + got));
-            if (r < 0 && errno == EINTR) {
-                continue;
-            }
-            if (r < 0) {
-                throw std::runtime_error("reading '" + path_ + "' at byte " + std::to_string(a0 + got) +
-                                         " failed: " + strerror(errno));
-            }
-            if (r == 0) {
-                break;
-            }
-            got += (uint64_t) r;
-        }
-        if (got < off - a0 + size) {
-            throw std::runtime_error("'" + path_ + "' ends before byte " + std::to_string(off + size) +
-                                     "; hint: the file is truncated");
-        }
-        src = buf + (off - a0);
-    } else if (dst.host) {
-        pread_all(fd_, dst.host, size, off, path_);
-        posix_fadvise(fd_, (off_t) off, (off_t) size, POSIX_FADV_DONTNEED);  // the slot holds it now
+    if (!file_.uncached() && dst.host) {
+        file_.read(off, size, dst.host);  // straight into the slot
+        file_.drop_cache(off, size);      // the slot holds it now
         return;
-    } else {
-        uint8_t * buf = bounce;
-        pread_all(fd_, buf, size, off, path_);
-        posix_fadvise(fd_, (off_t) off, (off_t) size, POSIX_FADV_DONTNEED);
-        src = buf;
     }
+    const uint8_t * src = file_.read_uncached(off, size, bounce);
     if (dst.host) {
         memcpy(dst.host, src, size);
     } else if (dst.tensor) {
@@ -330,7 +253,7 @@ uint64_t expert_store::read_experts(const std::vector<read_job> & jobs, io_pool 
                     });
                 } else {
                     tasks.emplace_back([this, &io, base, pos, n, d](int worker) {
-                        read_range(base + pos, n, d, io.scratch(worker, k_chunk + 2 * k_align));
+                        read_range(base + pos, n, d, io.scratch(worker, platform_file::read_span(k_chunk)));
                     });
                 }
             }
@@ -350,15 +273,10 @@ void expert_store::advise_willneed(int32_t il, int32_t e) const {
     if (!l) {
         return;
     }
-    const uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
     for (const auto & p : l->projs) {
-        if (!p.host) {
-            continue;
+        if (p.host) {
+            mapping_will_need(p.host + (uint64_t) e * p.expert_bytes, p.expert_bytes);
         }
-        const uintptr_t a = (uintptr_t) (p.host + (uint64_t) e * p.expert_bytes);
-        const uintptr_t b = a + p.expert_bytes;
-        const uintptr_t a0 = a & ~(uintptr_t) (page - 1);
-        posix_madvise((void *) a0, b - a0, POSIX_MADV_WILLNEED);
     }
 }
 
@@ -367,22 +285,23 @@ void expert_store::release(int32_t il, int32_t e) const {
     if (!l) {
         return;
     }
-    const uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
+    const uint64_t page   = page_size();
+    const uint64_t margin = k_release_margin;
     for (const auto & p : l->projs) {
-        const uint64_t off = p.file_offset + (uint64_t) e * p.expert_bytes;
-        // Outward, by whole pages and by the kernel's fault-around window (a fault maps
-        // neighbouring cached pages too); a neighbour in use just faults its pages in again.
-        const uint64_t margin = k_release_margin;
+        // Outward by the kernel's fault-around window (a fault maps neighbouring
+        // cached pages too); a neighbour in use just faults its pages in again.
+        const uint64_t lo = (uint64_t) e * p.expert_bytes;  // the expert within its tensor
+        const uint64_t hi = lo + p.expert_bytes;
         if (p.host) {
-            // drop our page table entries first: the page cache keeps pages that are mapped
-            const uintptr_t lo = (uintptr_t) p.host, hi = lo + p.expert_bytes * (uint64_t) n_expert_;
-            const uintptr_t a  = lo + (uint64_t) e * p.expert_bytes;
-            const uintptr_t a0 = std::max(lo, a > margin ? a - margin : 0) & ~(uintptr_t) (page - 1);
-            const uintptr_t b0 = (std::min(hi, a + p.expert_bytes + margin) + page - 1) & ~(uintptr_t) (page - 1);
-            madvise((void *) a0, b0 - a0, MADV_DONTNEED);
+            // our page table entries first (the page cache keeps pages that are mapped),
+            // within the tensor; the platform layer widens the range to whole pages
+            const uint64_t a = lo > margin ? lo - margin : 0;
+            const uint64_t b = std::min(p.expert_bytes * (uint64_t) n_expert_, hi + margin);
+            mapping_release(p.host + a, b - a);
         }
+        const uint64_t off  = p.file_offset + lo;
         const uint64_t off0 = (off > margin ? off - margin : 0) & ~(page - 1);
-        posix_fadvise(fd_, (off_t) off0, (off_t) (off + p.expert_bytes + margin - off0), POSIX_FADV_DONTNEED);
+        file_.drop_cache(off0, off + p.expert_bytes + margin - off0);
     }
 }
 
@@ -416,10 +335,9 @@ double expert_store::measure_read_bandwidth(uint64_t max_bytes) {
     } else {
         std::vector<read_job> jobs;
         for (const auto & [il, e] : sample) {
-            if (fd_direct_ < 0) {
+            if (!file_.uncached()) {
                 for (const auto & p : layers_[il].projs) {  // measure the disk, not the page cache
-                    posix_fadvise(fd_, (off_t) (p.file_offset + (uint64_t) e * p.expert_bytes),
-                                  (off_t) p.expert_bytes, POSIX_FADV_DONTNEED);
+                    file_.drop_cache(p.file_offset + (uint64_t) e * p.expert_bytes, p.expert_bytes);
                 }
             }
             jobs.push_back({ il, e, std::vector<read_dst>(layers_[il].projs.size()) });  // read only
@@ -428,6 +346,40 @@ double expert_store::measure_read_bandwidth(uint64_t max_bytes) {
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return secs > 0 ? (double) bytes / secs : 0.0;
+}
+
+std::vector<std::string> expert_read(const std::string & path, int32_t il, int32_t e, bool direct_io) {
+    const gguf_info info = gguf_read_info(path, 0);
+    std::string     arch;
+    int64_t         n_layer = 0, n_expert = 0;
+    for (const auto & [key, v] : info.kv) {
+        if (key == "general.architecture" && std::holds_alternative<std::string>(v.scalar)) {
+            arch = std::get<std::string>(v.scalar);
+        }
+    }
+    for (const auto & [key, v] : info.kv) {
+        const auto * u = std::get_if<uint64_t>(&v.scalar);
+        if (u && key == arch + ".block_count") {
+            n_layer = (int64_t) *u;
+        } else if (u && key == arch + ".expert_count") {
+            n_expert = (int64_t) *u;
+        }
+    }
+    expert_store         store(path, (int32_t) n_layer, (int32_t) n_expert, direct_io, 1);
+    const expert_layer * l = store.layer(il);
+    if (!l || e < 0 || e >= n_expert) {
+        throw std::invalid_argument("'" + path + "' has no expert " + std::to_string(e) + " in layer " +
+                                    std::to_string(il) + "; hint: " + std::to_string(n_expert) +
+                                    " experts per MoE layer");
+    }
+    std::vector<std::string> out(l->projs.size());
+    std::vector<read_dst>    dst(l->projs.size());
+    for (size_t i = 0; i < out.size(); ++i) {
+        out[i].resize(l->projs[i].expert_bytes);
+        dst[i].host = reinterpret_cast<uint8_t *>(out[i].data());
+    }
+    store.read_expert(il, e, dst);
+    return out;
 }
 
 }  // namespace pymoe

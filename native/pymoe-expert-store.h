@@ -6,9 +6,11 @@
 // and, once llama.cpp has mapped the tensor, at data + e * expert_bytes.
 #pragma once
 
+#include "pymoe-platform.h"
 #include "pymoe.h"
 
 #include <condition_variable>
+#include <memory>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -62,7 +64,7 @@ class io_pool {
 
     int size() const { return (int) threads_.size(); }
 
-    // a buffer of `bytes`, aligned for O_DIRECT, private to worker `worker` of this pool
+    // a buffer of `bytes`, aligned for uncached reads, private to worker `worker` of this pool
     uint8_t * scratch(int worker, size_t bytes);
 
   private:
@@ -75,7 +77,7 @@ class io_pool {
     std::deque<std::function<void(int)>>     queue_;
     size_t                                   pending_ = 0;
     bool                                     stop_    = false;
-    std::vector<std::pair<uint8_t *, size_t>> scratch_;  // per worker
+    std::vector<std::pair<aligned_buffer, size_t>> scratch_;  // per worker
 };
 
 // Where a read goes: host memory, or a tensor of a backend buffer (device).
@@ -128,7 +130,8 @@ class expert_store {
     // of expert data the way loads read it.
     double measure_read_bandwidth(uint64_t max_bytes);
 
-    bool direct_io() const { return fd_direct_ >= 0; }
+    // slot loads bypass the OS cache (the file system allows it)
+    bool direct_io() const { return file_.uncached(); }
     bool from_host() const { return from_host_; }
 
   private:
@@ -139,8 +142,7 @@ class expert_store {
     int32_t                   n_expert_ = 0;
     std::vector<expert_layer> layers_;   // [n_layer]; il = -1 where the layer has no experts
     bool                      from_host_ = false;
-    int                       fd_        = -1; // buffered reads, fadvise
-    int                       fd_direct_ = -1; // O_DIRECT reads, when the file system allows them
+    platform_file             file_;     // all reads and cache advice go through the platform layer
     io_pool                   io_;
 };
 

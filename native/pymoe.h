@@ -6,6 +6,8 @@
 //   pymoe-model.cpp    a loaded model and its context: vocab, decode, logits, chat template
 //   pymoe-sampler.cpp  llama.cpp's sampler chain
 //   pymoe-quant.cpp    ggml's quantisers and dequantisers over threads
+//   pymoe-platform.*   the OS: uncached reads, page-cache and mapping advice, available memory
+//                      (the only file that calls it for these; included by the engine files)
 //
 // The expert-offload engine (internal headers, included by the engine files only):
 //   pymoe-expert-store.*  where each expert's bytes live (file offsets, mapped host tensors) and reading them
@@ -51,6 +53,45 @@ void        log_clear_errors();
 // llama.cpp's own build (the pinned upstream commit) and system info.
 std::string llama_commit();
 std::string system_info();
+
+//
+// platform (pymoe-platform.cpp: the only file that calls the OS for files, mappings and memory)
+//
+
+// What this OS lets the disk tier do; where a flag is false the engine cannot
+// do it there, and the bytes it would have freed are not freed.
+struct platform_caps {
+    std::string os;                        // "linux", "macos", "windows"
+    bool        uncached_reads    = false; // slot loads bypass the OS cache (O_DIRECT, F_NOCACHE,
+                                           // FILE_FLAG_NO_BUFFERING); for a path: its file system allows it
+    bool        drop_file_cache   = false; // a file range can be dropped from the OS cache (posix_fadvise)
+    bool        mapping_will_need = false; // the direct branch's pages can be read ahead
+    bool        mapping_release   = false; // the direct branch's pages leave the process after use
+    bool        memory_limit      = false; // available_memory() honours a container limit (cgroups)
+    std::string available_memory;          // how available_memory() measures
+};
+
+// The OS's capabilities; with `path`, uncached_reads says whether that file's
+// file system allows them (tmpfs does not). Throws when `path` cannot be opened.
+platform_caps platform_capabilities(const std::string & path = "");
+
+// Bytes this process may still use: the OS's available memory, capped by a
+// cgroup limit on Linux (see platform_caps::available_memory).
+uint64_t available_memory();
+
+// Reads [offset, offset + size) of `path` through the platform layer, as an
+// expert store does (uncached: the uncached path with its aligned span). For tests.
+std::string platform_read(const std::string & path, uint64_t offset, uint64_t size, bool uncached);
+
+// I/O fault injection for tests, process-wide: read requests number `nth` ..
+// nth + count - 1 after this call (1 = the next one) fail. A request is one
+// read of the platform layer (every expert store reads through it; one slot
+// load is a request per projection and 8 MiB). Kinds: "eio" (fails with EIO),
+// "short" (fewer bytes, then the file looks shorter: an error), "eintr" (the
+// first OS call is interrupted; retried, so invisible), "partial" (the first
+// OS call returns fewer bytes; the rest is read, so invisible).
+void io_fault_set(const std::string & kind, int64_t nth, int64_t count);
+void io_fault_clear();
 
 //
 // gguf inspection (no weights are read)
@@ -261,6 +302,11 @@ struct pool_plan {
 
 std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, uint64_t * planned_bytes,
                                     bool per_layer = true);
+
+// Reads expert `e` of layer `il` of the model at `path` as a slot load reads
+// it (direct_io: uncached), and returns each projection's bytes in the order
+// gate, up, down (or gate_up, down). For tests of the read path.
+std::vector<std::string> expert_read(const std::string & path, int32_t il, int32_t e, bool direct_io);
 
 //
 // devices

@@ -77,44 +77,11 @@ def parse_budget(value: str | float | int | None, expert_bytes: int) -> int | No
     return parse_size(value)
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
 def available_memory() -> int:
-    """Bytes this process may still use: MemAvailable, capped by a cgroup memory limit (v1 or v2)."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if avail is None:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    # the cgroup of this process
-    limits = []
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, rel = line.split(":", 2)
-            if controllers == "":  # v2
-                base = f"/sys/fs/cgroup{rel}"
-                limit, usage = _read_int(f"{base}/memory.max"), _read_int(f"{base}/memory.current")
-            elif "memory" in controllers.split(","):  # v1
-                base = f"/sys/fs/cgroup/memory{rel}"
-                limit = _read_int(f"{base}/memory.limit_in_bytes")
-                usage = _read_int(f"{base}/memory.usage_in_bytes")
-            else:
-                continue
-            if limit is not None and limit < (1 << 60):
-                limits.append(limit - (usage or 0))
-    except (OSError, ValueError):
-        pass
-    return max(0, min([avail, *limits]))
+    """Bytes this process may still use, as the OS tells it (native/pymoe-platform.cpp):
+    Linux MemAvailable capped by a cgroup memory limit (v1 or v2), macOS free +
+    inactive pages, Windows available physical memory."""
+    return _core.available_memory()
 
 
 def kv_cache_bytes(summary: GGUFSummary, n_ctx: int, bytes_per_value: float = 2.0) -> int:
