@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -117,8 +116,7 @@ def read_bytes(pid: int | str = "self") -> int | None:
 
 
 def _cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    return time.process_time()  # user + system time of every thread of this process, on every platform
 
 
 def timed_run(
@@ -236,7 +234,7 @@ def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
             "load_seconds": load_seconds,
             "pp_tokens_per_second": run.pp_tokens_per_second,
             "tg_tokens_per_second": run.tg_tokens_per_second,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
         }
         if stats:
             decode_tokens = args.gen_tokens
@@ -264,11 +262,34 @@ def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
     return result
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS;
+    Windows: the peak working set)."""
+    if sys.platform == "win32":
+        import ctypes
+        from ctypes import wintypes
+
+        class Counters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS
+            _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+                (n, ctypes.c_size_t) for n in ("PeakWorkingSetSize", "WorkingSetSize", "a", "b", "c", "d", "e", "f")
+            ]
+
+        c = Counters(cb=ctypes.sizeof(Counters))
+        psapi = ctypes.WinDLL("psapi")
+        psapi.GetProcessMemoryInfo(ctypes.windll.kernel32.GetCurrentProcess(), ctypes.byref(c), c.cb)
+        return int(c.PeakWorkingSetSize)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 # --- llama-bench
 
 
 # where tools/build_llama_tools.sh puts it, in a source checkout
-CHECKOUT_LLAMA_BENCH = Path("build") / "llama-tools" / "bin" / "llama-bench"
+LLAMA_BENCH_EXE = "llama-bench.exe" if sys.platform == "win32" else "llama-bench"
+CHECKOUT_LLAMA_BENCH = Path("build") / "llama-tools" / "bin" / LLAMA_BENCH_EXE
 
 
 def find_llama_bench(path: str | None = None) -> Path:
