@@ -111,12 +111,28 @@ int os_error_eio() {
 os_result os_read_at(intptr_t h, uint8_t * dst, uint64_t size, uint64_t offset) {
     os_result r;
 #if defined(_WIN32)
-    OVERLAPPED ov   = {};
-    ov.Offset       = (DWORD) (offset & 0xffffffffu);
-    ov.OffsetHigh   = (DWORD) (offset >> 32);
-    const DWORD ask = (DWORD) std::min<uint64_t>(size, 1u << 30);
-    DWORD       got = 0;
-    if (ReadFile((HANDLE) h, dst, ask, &got, &ov)) {
+    // The handles are opened with FILE_FLAG_OVERLAPPED, so that reads from several
+    // threads run in parallel (a synchronous handle serialises them); each thread
+    // waits for its own read on its own event.
+    struct thread_event {
+        HANDLE h = CreateEventW(nullptr, TRUE, FALSE, nullptr);
+        ~thread_event() { CloseHandle(h); }
+    };
+    thread_local thread_event event;
+    OVERLAPPED                ov = {};
+    ov.Offset                    = (DWORD) (offset & 0xffffffffu);
+    ov.OffsetHigh                = (DWORD) (offset >> 32);
+    ov.hEvent                    = event.h;
+    const DWORD ask              = (DWORD) std::min<uint64_t>(size, 1u << 30);
+    DWORD       got              = 0;
+    BOOL        ok               = ReadFile((HANDLE) h, dst, ask, nullptr, &ov);
+    if (!ok && GetLastError() == ERROR_IO_PENDING) {
+        ok = TRUE;
+    }
+    if (ok) {
+        ok = GetOverlappedResult((HANDLE) h, &ov, &got, TRUE);
+    }
+    if (ok) {
         r.bytes = got;
     } else {
         const DWORD err = GetLastError();
@@ -165,7 +181,8 @@ std::wstring utf8_to_wide(const std::string & s) {
 // k_invalid on failure, with `error` set
 intptr_t os_open(const std::string & path, bool uncached, int & error) {
 #if defined(_WIN32)
-    const DWORD flags = FILE_ATTRIBUTE_NORMAL | (uncached ? FILE_FLAG_NO_BUFFERING : FILE_FLAG_RANDOM_ACCESS);
+    const DWORD flags =
+        FILE_ATTRIBUTE_NORMAL | FILE_FLAG_OVERLAPPED | (uncached ? FILE_FLAG_NO_BUFFERING : FILE_FLAG_RANDOM_ACCESS);
     HANDLE      h     = CreateFileW(utf8_to_wide(path).c_str(), GENERIC_READ, FILE_SHARE_READ | FILE_SHARE_DELETE,
                                     nullptr, OPEN_EXISTING, flags, nullptr);
     if (h == INVALID_HANDLE_VALUE) {

@@ -4,7 +4,8 @@
 // false (or does nothing), and platform_capabilities() in pymoe.h says so.
 //
 // What each OS does:
-//   uncached reads      Linux O_DIRECT; macOS F_NOCACHE; Windows FILE_FLAG_NO_BUFFERING + ReadFile(OVERLAPPED).
+//   uncached reads      Linux O_DIRECT; macOS F_NOCACHE; Windows FILE_FLAG_NO_BUFFERING + ReadFile(OVERLAPPED)
+//                       (an overlapped handle, so that the I/O threads' reads run in parallel).
 //                       Where the file system refuses (tmpfs, some network file systems): buffered reads,
 //                       then the range is dropped from the cache where the OS allows it.
 //   dropping cached     Linux posix_fadvise(DONTNEED). macOS and Windows: no call drops a file range
