@@ -111,7 +111,8 @@ LLAMA_OPTIONS = (
     "-DLLAMA_BUILD_NUMBER=11312",
 )
 
-LLAMA_LIBS = ("src/libllama.a", "ggml/src/libggml.a", "ggml/src/libggml-cpu.a", "ggml/src/libggml-base.a")
+# (folder, name): libNAME.a, or NAME.a where ggml drops the prefix (Windows)
+LLAMA_LIBS = (("src", "llama"), ("ggml/src", "ggml"), ("ggml/src", "ggml-cpu"), ("ggml/src", "ggml-base"))
 
 
 class CrossError(Exception):
@@ -266,7 +267,10 @@ def compile_native(
 def link(
     t: Target, out: Path, tools: dict[str, Path], core: list[Path], bindings: Path | None, log: Path
 ) -> list[Path]:
-    libs = [str(out / "llama.cpp" / lib) for lib in LLAMA_LIBS]
+    libs = []
+    for folder, name in LLAMA_LIBS:
+        d = out / "llama.cpp" / folder
+        libs.append(str(d / f"lib{name}.a" if (d / f"lib{name}.a").is_file() else d / f"{name}.a"))
     made = []
     shared = out / t.shared
     # the core's objects in full, llama.cpp as far as they use it: every symbol must resolve
