@@ -57,6 +57,7 @@ class Target:
     processor: str  # CMAKE_SYSTEM_PROCESSOR
     cmake: tuple[str, ...]  # extra llama.cpp options
     shared: str  # file name of the core's shared library
+    system_libs: tuple[str, ...]  # what the link needs from the OS
     bindings: bool  # bindings.cpp compiles here (this interpreter's CPython headers fit the target)
     extension: str | None  # file name of the extension module, when it can be linked here
     pic: bool
@@ -72,6 +73,7 @@ TARGETS = {
         processor="arm64",
         cmake=("-DGGML_METAL=OFF", "-DGGML_ACCELERATE=OFF", "-DGGML_BLAS=OFF", "-DCMAKE_INSTALL_NAME_TOOL=/bin/true"),
         shared="libpymoe_core.dylib",
+        system_libs=(),
         bindings=True,
         extension=f"_core.cpython-{PY_TAG}-darwin.so",
         pic=True,
@@ -86,33 +88,31 @@ TARGETS = {
             "-DCMAKE_RC_COMPILER=/bin/false",
         ),
         shared="pymoe_core.dll",
+        system_libs=("-lws2_32",),  # sockets: ggml's RPC backend, native/pymoe-devices.cpp
         bindings=False,  # Linux's pyconfig.h does not describe Windows (sizes, sys/select.h)
         extension=None,
         pic=False,
     ),
 }
 
-# CMakeLists.txt's llama.cpp options, plus what a build without an SDK needs
+# what a build without an SDK needs, after CMakeLists.txt's own llama.cpp options
 LLAMA_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",
-    "-DLLAMA_BUILD_COMMON=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_TOOLS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
-    "-DLLAMA_BUILD_APP=OFF",
-    "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_ALL_WARNINGS=OFF",
-    "-DGGML_BACKEND_DL=OFF",
     "-DGGML_NATIVE=OFF",
     "-DGGML_OPENMP=OFF",
     "-DGGML_CCACHE=OFF",
     "-DLLAMA_BUILD_NUMBER=11312",
 )
 
-# (folder, name): libNAME.a, or NAME.a where ggml drops the prefix (Windows)
-LLAMA_LIBS = (("src", "llama"), ("ggml/src", "ggml"), ("ggml/src", "ggml-cpu"), ("ggml/src", "ggml-base"))
+# (folder, name): libNAME.a, or NAME.a where ggml drops the prefix (Windows); absent ones are skipped
+LLAMA_LIBS = (
+    ("src", "llama"),
+    ("ggml/src", "ggml"),
+    ("ggml/src/ggml-rpc", "ggml-rpc"),
+    ("ggml/src", "ggml-cpu"),
+    ("ggml/src", "ggml-base"),
+)
 
 
 class CrossError(Exception):
@@ -137,6 +137,13 @@ def core_sources() -> list[Path]:
     if not m:
         raise CrossError("CMakeLists.txt has no set(PYMOE_CORE_SOURCES ...); hint: keep the list in that form")
     return [ROOT / s for s in m.group(1).split()]
+
+
+def cmake_options() -> list[str]:
+    """The `set(GGML_X/LLAMA_X ON|OFF CACHE BOOL "" FORCE)` options of CMakeLists.txt, as -D flags."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    found = re.findall(r"set\(((?:GGML|LLAMA)_\w+)\s+(ON|OFF)\s+CACHE\s+BOOL", text)
+    return [f"-D{name}={value}" for name, value in found]
 
 
 def llama_commit() -> str:
@@ -177,27 +184,28 @@ def build_llama(t: Target, out: Path, tools: dict[str, Path], jobs: int, log: Pa
     if cmake is None:
         raise CrossError("cmake is not on PATH; hint: pip install cmake ninja")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    if not (build / "CMakeCache.txt").is_file():
-        run(
-            [
-                cmake,
-                "-S",
-                str(LLAMA),
-                "-B",
-                str(build),
-                *gen,
-                f"-DCMAKE_SYSTEM_NAME={t.system}",
-                f"-DCMAKE_SYSTEM_PROCESSOR={t.processor}",
-                f"-DCMAKE_C_COMPILER={tools['cc']}",
-                f"-DCMAKE_CXX_COMPILER={tools['c++']}",
-                f"-DCMAKE_AR={tools['ar']}",
-                f"-DCMAKE_RANLIB={tools['ranlib']}",
-                *LLAMA_OPTIONS,
-                *t.cmake,
-            ],
-            log,
-            "configuring llama.cpp",
-        )
+    # configured every time: quick once the cache exists, and it picks up changed options
+    run(
+        [
+            cmake,
+            "-S",
+            str(LLAMA),
+            "-B",
+            str(build),
+            *gen,
+            f"-DCMAKE_SYSTEM_NAME={t.system}",
+            f"-DCMAKE_SYSTEM_PROCESSOR={t.processor}",
+            f"-DCMAKE_C_COMPILER={tools['cc']}",
+            f"-DCMAKE_CXX_COMPILER={tools['c++']}",
+            f"-DCMAKE_AR={tools['ar']}",
+            f"-DCMAKE_RANLIB={tools['ranlib']}",
+            *cmake_options(),
+            *LLAMA_OPTIONS,
+            *t.cmake,
+        ],
+        log,
+        "configuring llama.cpp",
+    )
     run([cmake, "--build", str(build), "-j", str(jobs), "--target", "llama", "ggml"], log, "building llama.cpp")
 
 
@@ -270,7 +278,8 @@ def link(
     libs = []
     for folder, name in LLAMA_LIBS:
         d = out / "llama.cpp" / folder
-        libs.append(str(d / f"lib{name}.a" if (d / f"lib{name}.a").is_file() else d / f"{name}.a"))
+        libs += [str(p) for p in (d / f"lib{name}.a", d / f"{name}.a") if p.is_file()][:1]
+    libs += list(t.system_libs)
     made = []
     shared = out / t.shared
     # the core's objects in full, llama.cpp as far as they use it: every symbol must resolve
