@@ -8,11 +8,8 @@ model without a template gets ChatML.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .model import Model
+from collections.abc import Callable, Sequence
+from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 FALLBACK_TEMPLATE = "chatml"  # a llama.cpp built-in template name
@@ -52,22 +49,27 @@ def render_jinja(template: str, messages: list[tuple[str, str]], add_assistant: 
         raise ValueError(f"the model's chat template could not be rendered: {e}") from e
 
 
+# llama.cpp's template engine: (messages, template, add_assistant) -> text; raises
+# ValueError for a template it does not recognise
+BuiltinRenderer = Callable[[list[tuple[str, str]], str, bool], str]
+
+
 def format_messages(
-    model: Model, messages: Sequence[Any], *, template: str | None = None, add_assistant: bool = True
+    messages: Sequence[Any],
+    template: str,
+    *,
+    builtin: BuiltinRenderer,
+    bos: str = "",
+    eos: str = "",
+    add_assistant: bool = True,
 ) -> str:
+    """The prompt text for `messages` under `template` (a llama.cpp built-in
+    template's text or name, or Jinja; empty: ChatML). `bos` and `eos` are the
+    texts a Jinja template sees as bos_token and eos_token."""
     msgs = validate_messages(messages)
-    tmpl = template if template is not None else model.chat_template()
-    if not tmpl:
-        tmpl = FALLBACK_TEMPLATE
+    tmpl = template or FALLBACK_TEMPLATE
     try:
-        return str(model._native.apply_chat_template(msgs, template=tmpl, add_assistant=add_assistant))
+        return builtin(msgs, tmpl, add_assistant)
     except ValueError:
         pass  # not one llama.cpp recognises: render the Jinja text itself
-    native = model._native
-    bos = (
-        model.token_to_bytes(native.token_bos, special=True).decode("utf-8", "replace") if native.token_bos >= 0 else ""
-    )
-    eos = (
-        model.token_to_bytes(native.token_eos, special=True).decode("utf-8", "replace") if native.token_eos >= 0 else ""
-    )
     return render_jinja(tmpl, msgs, add_assistant, bos, eos)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from .chat_template import format_messages
 from .gguf_info import GGUFSummary, check_gguf_path, summarize
 from .offload import summarize_stats
 from .perplexity import perplexity as _perplexity
@@ -362,17 +363,30 @@ class Model:
         """The prompt text for `messages` under the model's chat template
         (llama.cpp's template engine; a Jinja rendering when llama.cpp does not
         know the template)."""
-        from .chat_template import format_messages
+        native = self._native
 
-        return format_messages(self, messages, template=template, add_assistant=add_assistant)
+        def builtin(msgs: list[tuple[str, str]], tmpl: str, add_assistant: bool) -> str:
+            return str(native.apply_chat_template(msgs, template=tmpl, add_assistant=add_assistant))
+
+        return format_messages(
+            messages,
+            template if template is not None else self.chat_template(),
+            builtin=builtin,
+            bos=self._special_text(native.token_bos),
+            eos=self._special_text(native.token_eos),
+            add_assistant=add_assistant,
+        )
 
     def chat_template(self) -> str:
         """The model's chat template text (empty when the file has none)."""
         return str(self._native.chat_template())
 
     def _bos_text(self) -> str:
-        bos = int(self._native.token_bos)
-        return self.token_to_bytes(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
+        return self._special_text(self._native.token_bos)
+
+    def _special_text(self, token: int) -> str:
+        """The text of a control token such as BOS; empty for -1 (the model has none)."""
+        return self.token_to_bytes(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
 
     def stats(self) -> dict[str, Any]:
         """Counters since load, and those of the last generate/chat call."""
