@@ -55,3 +55,7 @@ def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "repeat_penalty": args.repeat_penalty,
         "seed": args.seed,
     }
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 1."""

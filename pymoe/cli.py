@@ -10,6 +10,8 @@ import sys
 import traceback
 from typing import NoReturn
 
+from ._args import CliError
+
 # verb -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("pymoe.chat", "chat with a model in the terminal (the demo model when none is given)"),
@@ -27,10 +29,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "serve this machine's CPU as a ggml RPC device for --rpc (tests, several machines)",
     ),
 }
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit code 1."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

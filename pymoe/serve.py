@@ -21,8 +21,7 @@ import signal
 import sys
 from types import FrameType
 
-from ._args import add_model_args, add_sampling_args, load_model, sampling_from_args
-from .cli import CliError
+from ._args import CliError, add_model_args, add_sampling_args, load_model, sampling_from_args
 from .server import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUEST_BYTES,
