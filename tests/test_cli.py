@@ -22,6 +22,13 @@ def test_help_lists_the_commands():
     assert sub.returncode == 0 and "--temp" in sub.stdout and "--seed" in sub.stdout
 
 
+def test_demo_prints_its_model_path(demo_gguf):
+    proc = run_pymoe("demo", "--print-path")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(demo_gguf)
+    assert "--print-path" in run_pymoe("demo", "--help").stdout
+
+
 def test_generate_greedy_is_deterministic(demo_gguf):
     args = ("generate", str(demo_gguf), "-p", "The capital of France is", "-n", "16", "--temp", "0")
     a, b = run_pymoe(*args), run_pymoe(*args)
