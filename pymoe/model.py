@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .chat_template import format_messages
+from .chat_template import ChatPrompt, render_chat, tokenize_chat
 from .gguf_info import GGUFSummary, check_gguf_path, summarize
 from .offload import summarize_stats
 from .perplexity import perplexity as _perplexity
@@ -122,6 +122,7 @@ class Model:
         self._past: list[int] = []  # tokens whose KV cache sequence 0 holds, in order
         self._totals = _Totals()
         self._tokens_evaluated = 0  # tokens run through the model since load (or reset_stats)
+        self._control: dict[int, bool] = {}  # token id -> is a control token
 
     # ------------------------------------------------------------------ lifetime
 
@@ -351,11 +352,20 @@ class Model:
 
     def chat_tokens(self, messages: Sequence[Message], *, template: str | None = None) -> list[int]:
         """The prompt tokens `chat` feeds for `messages`: the chat template applied,
-        control tokens parsed, BOS added unless the template already starts with it."""
-        prompt = self.format_chat(messages, template=template)
+        BOS added unless the template already starts with it. Control tokens
+        (``<|im_start|>`` ...) come from the template only: a message's text is
+        never parsed into them (see `pymoe.chat_template.tokenize_chat`)."""
+        prompt = self._render_chat(messages, template=template, add_assistant=True)
         bos_text = self._bos_text()
-        add_bos = not (bos_text and prompt.startswith(bos_text))
-        return self.tokenize(prompt, add_bos=add_bos, special=True)
+        add_bos = not (bos_text and prompt.text.startswith(bos_text)) and bool(self._native.add_bos)
+        tokens = tokenize_chat(
+            prompt,
+            tokenize=lambda text, special: self.tokenize(text, add_bos=False, special=special),
+            is_control=self._is_control,
+            control_text=self._special_text,
+        )
+        bos = int(self._native.token_bos)
+        return [bos, *tokens] if add_bos and bos >= 0 else tokens
 
     def format_chat(
         self, messages: Sequence[Message], *, template: str | None = None, add_assistant: bool = True
@@ -363,12 +373,15 @@ class Model:
         """The prompt text for `messages` under the model's chat template
         (llama.cpp's template engine; a Jinja rendering when llama.cpp does not
         know the template)."""
+        return self._render_chat(messages, template=template, add_assistant=add_assistant).text
+
+    def _render_chat(self, messages: Sequence[Message], *, template: str | None, add_assistant: bool) -> ChatPrompt:
         native = self._native
 
         def builtin(msgs: list[tuple[str, str]], tmpl: str, add_assistant: bool) -> str:
             return str(native.apply_chat_template(msgs, template=tmpl, add_assistant=add_assistant))
 
-        return format_messages(
+        return render_chat(
             messages,
             template if template is not None else self.chat_template(),
             builtin=builtin,
@@ -387,6 +400,16 @@ class Model:
     def _special_text(self, token: int) -> str:
         """The text of a control token such as BOS; empty for -1 (the model has none)."""
         return self.token_to_bytes(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    def _is_control(self, token: int) -> bool:
+        """Whether `token` is a control token: one that only special parsing
+        produces (llama.cpp's CONTROL and UNKNOWN tokens have no text without it)."""
+        known = self._control.get(token)
+        if known is None:
+            known = self._control[token] = not self.token_to_bytes(token) and bool(
+                self.token_to_bytes(token, special=True)
+            )
+        return known
 
     def stats(self) -> dict[str, Any]:
         """Counters since load, and those of the last generate/chat call."""

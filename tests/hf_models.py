@@ -200,11 +200,14 @@ WIDE: dict[str, int] = {
 }
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 384, split_regexes: tuple[str, ...] = ()) -> Any:
+def build_tokenizer(
+    out_dir: Path, vocab_size: int = 384, split_regexes: tuple[str, ...] = (), special_tokens: tuple[str, ...] = ()
+) -> Any:
     """A byte-level BPE trained on a few sentences, saved in HF format. With
     `split_regexes`, the text is split by those (isolated) before the byte-level
     step, as Llama-3, Qwen2, DeepSeek-V3 and gpt-oss tokenizers do; without,
-    by the ByteLevel step's own GPT-2 regex."""
+    by the ByteLevel step's own GPT-2 regex. `special_tokens` are added to
+    <|endoftext|> (e.g. chat template markers)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -219,7 +222,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384, split_regexes: tuple[s
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=["<|endoftext|>", *special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -238,17 +241,19 @@ def build_checkpoint(
     dtype: str = "float32",
     overrides: dict[str, Any] | None = None,
     max_shard_size: str | None = None,
+    special_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Saves a random `arch` model (safetensors in `dtype`) and its tokenizer in `out_dir`.
 
     `wide`: hidden and expert sizes of 256 (see WIDE) instead of 128/96;
     `overrides`: config values to set on top; `max_shard_size` (e.g. "200KB"):
-    save in shards with an index, as large hub checkpoints are."""
+    save in shards with an index, as large hub checkpoints are; `special_tokens`:
+    see build_tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out_dir)
+    tokenizer = build_tokenizer(out_dir, special_tokens=special_tokens)
     config = BUILDERS[arch]()
     if wide:
         for key, value in WIDE.items():
