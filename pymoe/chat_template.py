@@ -2,8 +2,8 @@
 
 llama.cpp's template engine (``llama_chat_apply_template``) comes first: it
 recognises the common templates by their text. A template it does not know is
-rendered with Jinja, the way Hugging Face's ``apply_chat_template`` does. A
-model without a template gets ChatML.
+rendered with Jinja, the way Hugging Face's ``apply_chat_template`` does, in a
+sandbox with a size and a time limit. A model without a template gets ChatML.
 
 Message text never becomes control tokens. The template is rendered twice:
 with the messages, and with a unique placeholder in place of each message's
@@ -14,18 +14,34 @@ text, which shows the parts of the prompt that are the template's own
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
-from collections.abc import Callable, Sequence
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 FALLBACK_TEMPLATE = "chatml"  # a llama.cpp built-in template name
 
+# Limits of one rendering: a template may repeat the messages' text this many
+# times and add this much of its own; a Jinja template may run this long.
+TEMPLATE_COPIES = 4
+TEMPLATE_OWN_CHARS = 1 << 20
+TEMPLATE_SECONDS = 2.0
+
 # llama.cpp's template engine: (messages, template, add_assistant) -> text; raises
 # ValueError for a template it does not recognise
 BuiltinRenderer = Callable[[list[tuple[str, str]], str, bool], str]
+
+
+class TemplateLimitError(ValueError):
+    """A chat template produced too much text or ran too long."""
 
 
 def validate_messages(messages: Sequence[Any]) -> list[tuple[str, str]]:
@@ -41,25 +57,184 @@ def validate_messages(messages: Sequence[Any]) -> list[tuple[str, str]]:
     return out
 
 
-def render_jinja(template: str, messages: list[tuple[str, str]], add_assistant: bool, bos: str, eos: str) -> str:
-    import jinja2
+def output_limit(messages: Sequence[tuple[str, str]]) -> int:
+    """The most characters a template may produce for `messages`."""
+    return TEMPLATE_COPIES * sum(len(r) + len(c) for r, c in messages) + TEMPLATE_OWN_CHARS
+
+
+def _too_long(limit: int) -> TemplateLimitError:
+    return TemplateLimitError(
+        f"the chat template produced more than {limit} characters for these messages "
+        f"(at most {TEMPLATE_COPIES} x the messages' text + {TEMPLATE_OWN_CHARS}); "
+        "hint: the model's template is broken: pass another one (template=...)"
+    )
+
+
+# ---------------------------------------------------------------- Jinja, bounded
+
+_budget = threading.local()  # .limit (characters) while rendering
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "indent", "wordwrap"})
+_FORMAT_METHODS = frozenset({"format", "format_map"})
+_WIDE_FIELD = re.compile(r"%[-+ #0]*\d{7,}|\{[^{}]*:[^{}]*\d{7,}")  # a literal width of a million or more
+_ARG_WIDTH = re.compile(r"%[-+ #0]*\*|%[^%]*\.\*|\{[^{}]*:[^{}]*\{")  # a width taken from the arguments
+
+
+def _check_size(value: Any) -> Any:
+    limit = getattr(_budget, "limit", None)
+    if limit is not None and isinstance(value, (str, list, tuple, dict)) and len(value) > limit:
+        raise _too_long(limit)
+    return value
+
+
+def _ints(values: Any) -> Iterator[int]:
+    """The sizes of the integers in an argument, a tuple/list or a dict of them."""
+    items = values.values() if isinstance(values, dict) else values if isinstance(values, (tuple, list)) else (values,)
+    return (abs(v) for v in items if isinstance(v, int))
+
+
+def _check_call(name: str, target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    """Refuses before it runs a call that would make more than the limit at
+    once: a width argument, or a format field that wide."""
+    limit = getattr(_budget, "limit", None)
+    if limit is None:
+        return
+    if name in _WIDTH_METHODS and any(n > limit for a in (*args, kwargs) for n in _ints(a)):
+        raise _too_long(limit)
+    if name in _FORMAT_METHODS or name == "%":
+        fmt = target if isinstance(target, str) else ""
+        if _WIDE_FIELD.search(fmt) or (
+            _ARG_WIDTH.search(fmt) and any(n > limit for a in (*args, kwargs) for n in _ints(a))
+        ):
+            raise _too_long(limit)
+
+
+def _guard_filter(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(f)  # keeps jinja's pass_context/pass_environment marks
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        values = [a for a in args if isinstance(a, (str, int))]  # without the context jinja may pass first
+        _check_call(name, values[0] if values else None, values[1:], kwargs)
+        return _check_size(f(*args, **kwargs))
+
+    return guarded
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            limit = getattr(_budget, "limit", None)
+            if limit is not None:
+                if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+                    left, right = right, left
+                if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
+                    if len(left) * right > limit:
+                        raise _too_long(limit)
+                elif operator in ("*", "**") and isinstance(left, int) and isinstance(right, int):
+                    bits = abs(left).bit_length()
+                    if (bits + right.bit_length() if operator == "*" else bits * abs(right)) > 8 * limit:
+                        raise _too_long(limit)
+                elif operator == "%":
+                    _check_call("%", left, [right], {})
+            return _check_size(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+            method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+            _check_call(getattr(method, "__name__", ""), getattr(method, "__self__", None), args, kwargs)
+            return _check_size(super().call(__context, __obj, *args, **kwargs))
 
     def raise_exception(message: str) -> None:
         raise ValueError(f"the chat template refused the conversation: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    try:
-        tmpl = env.from_string(template)
-        return tmpl.render(
-            messages=[{"role": r, "content": c} for r, c in messages],
-            add_generation_prompt=add_assistant,
-            bos_token=bos,
-            eos_token=eos,
+    env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
+    return env
+
+
+@functools.lru_cache(maxsize=1)
+def _joins() -> frozenset[Any]:
+    """The code of Jinja's `~` (string concatenation), whose results are checked."""
+    import jinja2.runtime
+
+    return frozenset({jinja2.runtime.str_join.__code__, jinja2.runtime.markup_join.__code__})
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str) -> Any:
+    return _environment().from_string(template)
+
+
+@contextmanager
+def _bounded(limit: int, seconds: float) -> Iterator[None]:
+    """Sets the size limit, and a deadline that a trace function checks on
+    every line of the template's compiled code (a loop with no output too)."""
+    deadline = time.monotonic() + seconds
+    joins = _joins()
+
+    def expired() -> TemplateLimitError:
+        return TemplateLimitError(
+            f"the chat template ran for more than {seconds:g} s; hint: the model's template is broken: "
+            "pass another one (template=...)"
         )
-    except jinja2.TemplateError as e:
-        raise ValueError(f"the model's chat template could not be rendered: {e}") from e
+
+    def on_line(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise expired()
+        return on_line
+
+    def on_return(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "return":
+            _check_size(arg)
+        return on_return
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise expired()
+        if frame.f_code.co_filename == "<template>":
+            return on_line
+        if frame.f_code in joins:
+            frame.f_trace_lines = False
+            return on_return
+        return None
+
+    previous = sys.gettrace()
+    _budget.limit = limit
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+        _budget.limit = None
+
+
+def render_jinja(template: str, messages: list[tuple[str, str]], add_assistant: bool, bos: str, eos: str) -> str:
+    import jinja2
+
+    limit = output_limit(messages)
+    out: list[str] = []
+    size = 0
+    try:
+        with _bounded(limit, TEMPLATE_SECONDS):  # compiling too: Jinja computes constant expressions then
+            tmpl = _compile(template)
+            for chunk in tmpl.generate(
+                messages=[{"role": r, "content": c} for r, c in messages],
+                add_generation_prompt=add_assistant,
+                bos_token=bos,
+                eos_token=eos,
+            ):
+                size += len(chunk)
+                if size > limit:
+                    raise _too_long(limit)
+                out.append(chunk)
+    except ValueError:
+        raise  # the limits, raise_exception()
+    except (jinja2.TemplateError, RecursionError, MemoryError, ArithmeticError, TypeError, LookupError) as e:
+        raise ValueError(f"the model's chat template could not be rendered: {type(e).__name__}: {e}") from e
+    return "".join(out)
 
 
 # ---------------------------------------------------------------- the prompt and its parts
@@ -140,12 +315,16 @@ def render_chat(
     with the message text put in as written is the prompt."""
     msgs = validate_messages(messages)
     tmpl = template or FALLBACK_TEMPLATE
+    limit = output_limit(msgs)
 
     def render(ms: list[tuple[str, str]]) -> str:
         try:
-            return builtin(ms, tmpl, add_assistant)
+            text = builtin(ms, tmpl, add_assistant)
         except ValueError:  # not one llama.cpp recognises: render the Jinja text itself
-            return render_jinja(tmpl, ms, add_assistant, bos, eos)
+            text = render_jinja(tmpl, ms, add_assistant, bos, eos)
+        if len(text) > limit:
+            raise _too_long(limit)
+        return text
 
     real = render(msgs)
     while True:  # a marker that no message, template or output contains

@@ -1,5 +1,5 @@
 """Chat prompts: the template's markers are control tokens, a message's text
-never is.
+never is, and a template's output is bounded in size and time.
 
 Per llama.cpp built-in template family and through the Jinja path, on a tiny
 model whose vocabulary holds every family's markers as control tokens (made
@@ -8,13 +8,15 @@ by `pymoe convert`), and on the demo model's own ChatML template."""
 from __future__ import annotations
 
 import json
+import time
+import tracemalloc
 
 import pytest
 from conftest import run_pymoe
 from hf_models import build_checkpoint
 
 from pymoe import Model
-from pymoe.chat_template import tokenize_by_runs
+from pymoe.chat_template import TEMPLATE_SECONDS, TemplateLimitError, tokenize_by_runs
 
 # the markers of llama.cpp's built-in templates tested here, and of the Jinja ones below
 MARKERS = (
@@ -209,3 +211,50 @@ def test_chat_completions_count_the_message_as_text(dense):
         srv.close()
     want = dense.chat_tokens(body["messages"])
     assert usage["prompt_tokens"] == len(want) > len(whole_text_tokens(dense, body["messages"]))
+
+
+# --- limits
+
+
+BIG = 200_000_000  # characters: far over the limit, and harmless to a test machine were it made
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",  # 10 M characters, in pieces
+        "{% set n = namespace(s='x') %}{% for i in range(60) %}{% set n.s = n.s ~ n.s %}{% endfor %}",  # no output
+        # what one operation would make at once is refused before it runs
+        f"{{{{ 'x' * {BIG} }}}}",
+        f"{{{{ 'x'.ljust({BIG}) }}}}",
+        f"{{{{ 'x' | center(width={BIG}) }}}}",  # Jinja computes this one while it compiles
+        f"{{{{ '%0{BIG}d' % 1 }}}}",
+        f"{{{{ '%*d' % ({BIG}, 1) }}}}",
+        f"{{{{ '{{:>{BIG}}}'.format(1) }}}}",
+        f"{{{{ '{{:>{{w}}}}'.format(1, w={BIG}) }}}}",
+        f"{{{{ '%{BIG}d' | format(1) }}}}",
+    ],
+)
+def test_template_output_is_bounded(dense, template):
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateLimitError, match="produced more than"):
+            dense.chat_tokens([{"role": "user", "content": "hi"}], template=template)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+
+
+def test_template_time_is_bounded(dense):
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # no output
+    t0 = time.monotonic()
+    with pytest.raises(TemplateLimitError, match=f"ran for more than {TEMPLATE_SECONDS:g} s"):
+        dense.chat_tokens([{"role": "user", "content": "hi"}], template=loops)
+    assert time.monotonic() - t0 < TEMPLATE_SECONDS + 10  # not the hours those loops take
+
+
+def test_template_limits_leave_normal_rendering_alone(dense):
+    long = "word " * 20000
+    template = "{% for m in messages %}{{ m.content ~ m.content }}{% endfor %}"
+    assert dense.format_chat([{"role": "user", "content": long}], template=template) == long * 2
