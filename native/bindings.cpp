@@ -542,6 +542,8 @@ PYBIND11_MODULE(_core, mod) {
         // decode
         .def("decode", &decode, py::arg("tokens"), py::arg("pos"), py::arg("seq"), py::arg("want"),
              "Evaluates a batch; returns the logits of the rows with want != 0 as float32 [n_wanted, n_vocab].")
+        .def("set_abort", [](py_model & self, bool on) { self.get().set_abort(on); }, py::arg("on"),
+             "While on, a decode in progress (and any later one) stops within a graph node and raises.")
         .def("memory_truncate", [](py_model & self, int32_t seq, int32_t pos0) { self.get().memory_truncate(seq, pos0); },
              py::arg("seq"), py::arg("pos0"))
         .def("memory_clear", [](py_model & self) { self.get().memory_clear(); })

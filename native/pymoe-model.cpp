@@ -155,6 +155,9 @@ model::model(const model_params & params) : params_(params) {
         throw std::runtime_error(with_reason("failed to create a context for '" + params.path + "'", log_take_errors()) +
                                  "\nhint: try a smaller n_ctx");
     }
+    llama_set_abort_callback(
+        ctx_.get(), [](void * flag) { return static_cast<std::atomic<bool> *>(flag)->load(std::memory_order_relaxed); },
+        &abort_);
     params_.n_ctx     = (int32_t) llama_n_ctx(ctx_.get());
     params_.n_batch   = (int32_t) llama_n_batch(ctx_.get());
     params_.n_ubatch  = (int32_t) llama_n_ubatch(ctx_.get());
@@ -297,7 +300,9 @@ void model::decode(const int32_t * tokens, const int32_t * pos, const int32_t * 
         batch.logits      = batch_out_.data();
 
         log_clear_errors();
-        int32_t     rc = llama_decode(ctx_.get(), batch);
+        // the abort callback stops a graph on the CPU backend; between batches it is checked here
+        // (a GPU backend's graph runs to its end)
+        int32_t     rc = start > 0 && abort_.load(std::memory_order_relaxed) ? 2 : llama_decode(ctx_.get(), batch);
         std::string engine_error;
         if (engine_) {
             try {

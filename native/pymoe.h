@@ -23,6 +23,7 @@
 // that names the object and ends with what the user can do ("hint: ...").
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -397,6 +398,10 @@ class model {
     // memory is then left as it was before the call.
     void decode(const int32_t * tokens, const int32_t * pos, const int32_t * seq, const int8_t * want,
                 int32_t n_tokens, float * out);
+    // While set, a decode in progress (and any later one) stops after the graph
+    // node it is computing on the CPU backend, else before its next n_batch
+    // chunk, and throws; any thread may call it (Ctrl-C handling).
+    void set_abort(bool on) { abort_.store(on, std::memory_order_relaxed); }
     // Drops the cached positions >= pos0 of sequence `seq` (-1: all sequences).
     void memory_truncate(int32_t seq, int32_t pos0);
     void memory_clear();
@@ -449,6 +454,7 @@ class model {
     std::unique_ptr<llama_model, llama_model_deleter>     model_;
     std::unique_ptr<llama_context, llama_context_deleter> ctx_;
     const llama_vocab *                                   vocab_ = nullptr;
+    std::atomic<bool>                                     abort_{ false };  // llama.cpp's abort callback reads it
 
     // one llama_batch's arrays, sized n_batch once (no per-call allocation)
     std::vector<int32_t>   batch_tok_;

@@ -116,3 +116,30 @@ def test_closed_model_raises(dense_gguf):
     assert m.closed
     with pytest.raises(ValueError, match="closed"):
         m.generate("hi", max_tokens=1)
+
+
+def test_native_abort_flag_stops_a_decode_and_leaves_the_cache_as_before(model):
+    tokens = model.tokenize("The quick brown fox jumps over the lazy dog")
+    expected = model.logits(tokens)
+    model.reset()
+    model.next_token_logits(tokens[:4])
+    model._native.set_abort(True)
+    try:
+        with pytest.raises(RuntimeError, match="aborted"):
+            model._native.decode(
+                np.asarray(tokens[4:], np.int32),
+                np.arange(4, len(tokens), dtype=np.int32),
+                np.zeros(len(tokens) - 4, np.int32),
+                np.ones(len(tokens) - 4, np.int8),
+            )
+    finally:
+        model._native.set_abort(False)
+    # the cache holds the first four tokens only: the rest evaluated on them gives the same logits
+    rest = model._native.decode(
+        np.asarray(tokens[4:], np.int32),
+        np.arange(4, len(tokens), dtype=np.int32),
+        np.zeros(len(tokens) - 4, np.int32),
+        np.ones(len(tokens) - 4, np.int8),
+    )
+    np.testing.assert_allclose(rest, expected[4:], rtol=0, atol=2e-3)
+    model.reset()
