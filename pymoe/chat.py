@@ -2,7 +2,8 @@
 
 Commands: /reset forgets the conversation, /stats shows counters, /exit
 leaves (so do Ctrl-D and Ctrl-C at the prompt). Ctrl-C while the model
-answers stops that answer, not the program."""
+answers stops that answer, not the program; while it reads a long message,
+it stops that at once and the message is not kept."""
 
 from __future__ import annotations
 
@@ -74,14 +75,15 @@ def main(args: argparse.Namespace) -> int:
                 else:
                     print(f"unknown command {cmd}; {HELP}", file=sys.stderr)
                 continue
-            dropped = conv.dropped_turns
+            dropped, history = conv.dropped_turns, conv.messages
             try:
                 for piece in conv.send(text):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
                 print()
             except KeyboardInterrupt:
-                print("\n[answer stopped]", file=sys.stderr)
+                kept = conv.messages is not history  # else stopped before the answer began
+                print("\n[answer stopped]" if kept else "\n[stopped; the message was not added]", file=sys.stderr)
             except ValueError as e:  # e.g. a message longer than the context
                 print(f"\n[{e}]", file=sys.stderr)
                 continue

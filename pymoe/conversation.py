@@ -51,12 +51,21 @@ class Conversation:
 
     def send(self, text: str) -> Iterator[str]:
         """Adds a user turn and streams the answer; the answer (or the part of
-        it produced before the caller stopped iterating) joins the history."""
+        it produced before the caller stopped iterating) joins the history.
+        Stopped before any of the answer (Ctrl-C while the prompt is evaluated,
+        an error), the conversation stays as it was: the message is not kept,
+        and the KV cache holds no more than before."""
+        dropped = self.dropped_turns
         messages = self._fit([*self.messages, {"role": "user", "content": text}])
         answer: list[str] = []
+        finished = False
         try:
             for piece in self.model.chat_stream(messages, self.max_tokens, **self.sampling):
                 answer.append(piece)
                 yield piece
+            finished = True
         finally:
-            self.messages = [*messages, {"role": "assistant", "content": "".join(answer)}]
+            if finished or answer:
+                self.messages = [*messages, {"role": "assistant", "content": "".join(answer)}]
+            else:
+                self.dropped_turns = dropped

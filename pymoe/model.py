@@ -6,6 +6,7 @@ The library never prints and never parses argv; the CLI modules do that.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import random
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._interrupt import interruptible
 from .chat_template import ChatPrompt, render_chat, tokenize_chat
 from .gguf_info import GGUFSummary, check_gguf_path, summarize
 from .offload import summarize_stats
@@ -237,7 +239,18 @@ class Model:
         want = np.ones(n, dtype=np.int8) if want_all else np.zeros(n, dtype=np.int8)
         if not want_all:
             want[-1] = 1
-        out = self._native.decode(tokens, pos, seq, want)
+        native = self._native
+        if n == 1:  # a generated token: Ctrl-C is seen after it, as between any two tokens
+            out = native.decode(tokens, pos, seq, want)
+        else:
+            try:
+                out = interruptible(lambda: native.decode(tokens, pos, seq, want), native.set_abort)
+            except BaseException:
+                # Ctrl-C (see pymoe._interrupt): the cache keeps nothing of this batch, even where
+                # the decode had finished before it could be stopped
+                with contextlib.suppress(Exception):
+                    native.memory_truncate(0, start)
+                raise
         self._tokens_evaluated += n
         return out
 
@@ -454,7 +467,11 @@ class Model:
         self._totals.calls += 1
         with self._lock:
             t0 = time.perf_counter()
-            logits_ready, cached = self._feed(tokens)
+            try:
+                logits_ready, cached = self._feed(tokens)
+            except KeyboardInterrupt:  # the cache holds what it did before this call
+                stats.finish_reason = "interrupted"
+                raise
             del logits_ready
             stats.cached_tokens = cached
             stats.prompt_seconds = time.perf_counter() - t0
@@ -499,7 +516,7 @@ class Model:
                 tail = pending + decoder.decode(b"", final=True)
                 if tail:
                     yield tail
-            except GeneratorExit:
+            except (GeneratorExit, KeyboardInterrupt):
                 stats.finish_reason = "interrupted"
                 raise
             finally:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import pexpect
 import pytest
@@ -181,12 +182,35 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(demo_gguf):
     child, _ = _spawn_chat(demo_gguf, "-n", "2000", "--ctx-size", "4096")
     try:
         child.sendline("Write a very long story about a dragon, with many chapters.")
+        child.expect("chapters.")  # the terminal's echo of the line
         child.expect(r"\w+ \w+ \w+")  # the answer is streaming
         child.kill(signal.SIGINT)
         child.expect("answer stopped")
         child.expect("> ")
         child.sendline("What is the capital of France?")
         child.expect("Paris")
+        child.expect("> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_ctrl_c_during_a_long_prompt_stops_it_and_drops_the_message(demo_gguf):
+    """Ctrl-C while a ~2.4k-token message is evaluated stops the evaluation at once (llama.cpp's
+    abort callback), not after it; the message is not kept, so the next turn is short and quick."""
+    child, _ = _spawn_chat(demo_gguf, "-n", "8", "-b", "16", "-t", "1", "--ctx-size", "4096", "--stats")
+    try:
+        child.sendline("Summarise: " + " ".join(f"w{i % 97}" for i in range(830)))  # 3.2 kB: one terminal line
+        time.sleep(1.5)
+        child.kill(signal.SIGINT)
+        child.expect(r"\[stopped; the message was not added\]", timeout=30)
+        child.expect("> ")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect('"prompt_tokens": (\\d+)')
+        assert int(child.match.group(1)) < 100  # this message alone, not the interrupted one too
         child.expect("> ")
         child.sendeof()
         child.expect(pexpect.EOF)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -143,3 +148,53 @@ def test_native_abort_flag_stops_a_decode_and_leaves_the_cache_as_before(model):
     )
     np.testing.assert_allclose(rest, expected[4:], rtol=0, atol=2e-3)
     model.reset()
+
+
+def _pairs_routed(m: Model) -> int:
+    return int(np.asarray(m.offload_stats(raw=True)["expert_pairs"]).sum())
+
+
+@pytest.mark.parametrize("offload", [dict(expert_budget=1.0), dict(expert_budget=0.3, prefetch=True)])
+def test_ctrl_c_stops_a_long_prompt_and_keeps_the_cache_of_the_turns_before(demo_gguf, offload):
+    """Ctrl-C while a prompt is evaluated stops it within a graph node (llama.cpp's abort
+    callback), not after the whole prompt; the KV cache keeps the earlier turns only, and the
+    expert engine stopped mid-step computes the next turn exactly."""
+    with Model(demo_gguf, n_ctx=4096, n_batch=16, n_ubatch=16, n_threads=1, offload="on", **offload) as m:
+        first = [{"role": "user", "content": "What is the capital of France?"}]
+        answer = m.chat(first, max_tokens=8, temperature=0)
+        history = [*first, {"role": "assistant", "content": answer}]
+        long = [*history, {"role": "user", "content": "Summarise: " + " ".join(f"w{i % 97}" for i in range(1100))}]
+        n_new = len(m.chat_tokens(long)) - len(m.chat_tokens(first))
+        pairs = _pairs_routed(m)
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # as a terminal sends Ctrl-C
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            m.chat(long, max_tokens=8, temperature=0)
+        timer.join()
+        assert m.last_stats.finish_reason == "interrupted"
+        routed = (_pairs_routed(m) - pairs) / (m.n_layer * m.summary.n_expert_used)  # tokens that reached the experts
+        assert routed < n_new / 2, (routed, n_new, time.monotonic() - t0)
+
+        again = [*history, {"role": "user", "content": "And of Germany?"}]
+        text = m.chat(again, max_tokens=8, temperature=0)
+        assert m.last_stats.cached_tokens >= len(m.chat_tokens(first))  # the turns before were kept
+        with Model(demo_gguf, n_ctx=4096, n_batch=16, n_ubatch=16, n_threads=1) as fresh:
+            assert fresh.chat(again, max_tokens=8, temperature=0) == text
+
+
+def test_ctrl_c_before_the_answer_leaves_the_conversation_as_it_was(demo_gguf):
+    from pymoe import Conversation
+
+    with Model(demo_gguf, n_ctx=4096, n_batch=16, n_ubatch=16, n_threads=1) as m:
+        conv = Conversation(m, system="Be brief.", max_tokens=8, temperature=0)
+        answer = "".join(conv.send("What is the capital of France?"))
+        history = list(conv.messages)
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in conv.send("Summarise: " + " ".join(f"w{i % 97}" for i in range(1100))):
+                pass
+        timer.join()
+        assert conv.messages == history and conv.dropped_turns == 0
+        assert history[-1] == {"role": "assistant", "content": answer}
