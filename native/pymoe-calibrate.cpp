@@ -73,14 +73,15 @@ double time_uploads(ggml_backend_t backend, ggml_tensor * dst, const uint8_t * s
 
 }  // namespace
 
-void engine::calibrate() {
+cost_model engine::calibrate() const {
+    cost_model c;
     // a disk-tier load reads the file, and so does the direct branch (through
     // the mapping): the disk decides both, whatever computes
-    cost_.read_bw   = store_->measure_read_bandwidth(std::min<uint64_t>(64ull << 20, store_->total_expert_bytes()));
-    cost_.direct_bw = release_direct_ ? cost_.read_bw : 0.0;
+    c.read_bw   = store_->measure_read_bandwidth(std::min<uint64_t>(64ull << 20, store_->total_expert_bytes()));
+    c.direct_bw = release_direct_ ? c.read_bw : 0.0;
     if (release_direct_ || !device_pools_) {
         // pools in host memory (a CPU-only host tier): a copy never beats computing in place
-        return;
+        return c;
     }
 
     // slots on a device, experts resident in host memory (the GPU deployment):
@@ -93,7 +94,7 @@ void engine::calibrate() {
         }
     }
     if (il < 0 || upload_backends_.empty()) {
-        return;
+        return c;
     }
     const expert_layer & layer = *store_->layer(il);
     const expert_proj *  big   = &layer.projs[0];
@@ -110,11 +111,11 @@ void engine::calibrate() {
         }
     }
     if (!upload || !model_w || !big->host) {
-        return;
+        return c;
     }
     const double scale = (double) layer.expert_bytes / (double) big->expert_bytes;  // one projection -> the expert
 
-    cost_.read_bw = time_uploads(upload, pool_w, big->host, big->expert_bytes * (uint64_t) n_expert_);
+    c.read_bw = time_uploads(upload, pool_w, big->host, big->expert_bytes * (uint64_t) n_expert_);
 
     // the CPU, where the experts live: one token (memory-bound: its bytes/s) and
     // a batch of 32 (compute-bound: its FLOP/s)
@@ -122,11 +123,11 @@ void engine::calibrate() {
     ggml_backend_cpu_set_n_threads(cpu.get(), n_threads_);
     const double t_cpu1  = time_mul_mat_id(cpu.get(), model_w, 1, n_expert_, 3) * scale;
     const double t_cpu32 = time_mul_mat_id(cpu.get(), model_w, 32, n_expert_, 2) * scale;
-    cost_.direct_bw      = t_cpu1 > 0 ? (double) layer.expert_bytes / t_cpu1 : 0.0;
-    cost_.slow_flops     = t_cpu32 > 0 ? 32.0 * flops_per_token_[(size_t) il] / t_cpu32 : 0.0;
+    c.direct_bw      = t_cpu1 > 0 ? (double) layer.expert_bytes / t_cpu1 : 0.0;
+    c.slow_flops     = t_cpu32 > 0 ? 32.0 * flops_per_token_[(size_t) il] / t_cpu32 : 0.0;
     // the device, on its own slots (what a hit costs there)
     const double t_dev1  = time_mul_mat_id(upload, pool_w, 1, pc.n_slots, 3) * scale;
-    cost_.fast_flops     = t_dev1 > 0 ? flops_per_token_[(size_t) il] / t_dev1 : 0.0;
+    c.fast_flops     = t_dev1 > 0 ? flops_per_token_[(size_t) il] / t_dev1 : 0.0;
 
     // upstream's op_offload: whether the device computes a batch's host-resident
     // experts itself (after copying them over the link) -- CUDA does from 32 tokens
@@ -135,7 +136,8 @@ void engine::calibrate() {
     ggml_tensor *    x  = ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, model_w->ne[0], 1, 32);
     ggml_tensor *    id = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, 1, 32);
     ggml_tensor *    op = ggml_mul_mat_id(ctx.get(), model_w, x, id);
-    cost_.offload_min_batch = ggml_backend_dev_offload_op(ggml_backend_get_device(upload), op) ? 32 : 0;
+    c.offload_min_batch = ggml_backend_dev_offload_op(ggml_backend_get_device(upload), op) ? 32 : 0;
+    return c;
 }
 
 }  // namespace pymoe

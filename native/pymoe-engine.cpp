@@ -210,7 +210,11 @@ engine::~engine() {
 
 void engine::start() {
     started_ = true;
-    calibrate();  // pymoe-calibrate.cpp
+    const cost_model measured = calibrate();  // pymoe-calibrate.cpp
+    {
+        std::lock_guard<std::mutex> lock(stats_mutex_);  // stats() reports it
+        cost_ = measured;
+    }
     reuse_.set_share(store_->total_expert_bytes()
                          ? (double) cache_->allocated_bytes() / (double) store_->total_expert_bytes() : 0.0);
 
@@ -385,8 +389,9 @@ void engine::on_route(int32_t il) {
         // a decode token's time (first MoE layer to first MoE layer): how far
         // background admission may run ahead of the compute
         if (n_tokens <= params_.prefetch_max_tokens && last_first_step_ != clock_type::time_point{}) {
-            const double dt = seconds_since(last_first_step_);
-            token_seconds_  = token_seconds_ > 0 ? 0.8 * token_seconds_ + 0.2 * dt : dt;
+            const double                dt = seconds_since(last_first_step_);
+            std::lock_guard<std::mutex> lock(stats_mutex_);  // stats() reports it
+            token_seconds_ = token_seconds_ > 0 ? 0.8 * token_seconds_ + 0.2 * dt : dt;
         }
         last_first_step_ = n_tokens <= params_.prefetch_max_tokens ? t0 : clock_type::time_point{};
     }
@@ -627,12 +632,15 @@ offload_stats engine::stats() const {
     s.n_layer        = n_layer_;
     s.n_expert       = n_expert_;
     s.policy         = cache_->policy().name();
-    s.read_bandwidth = cost_.read_bw;
-    s.direct_bandwidth  = cost_.direct_bw;
-    s.cpu_flops         = cost_.slow_flops;
-    s.device_flops      = cost_.fast_flops;
-    s.offload_min_batch = cost_.offload_min_batch;
-    s.token_seconds     = token_seconds_;
+    {
+        std::lock_guard<std::mutex> lock(stats_mutex_);  // written at the sync points
+        s.read_bandwidth    = cost_.read_bw;
+        s.direct_bandwidth  = cost_.direct_bw;
+        s.cpu_flops         = cost_.slow_flops;
+        s.device_flops      = cost_.fast_flops;
+        s.offload_min_batch = cost_.offload_min_batch;
+        s.token_seconds     = token_seconds_;
+    }
     for (const auto & b : ids_buf_) {
         s.ids_bytes += ggml_backend_buffer_get_size(b.get());
     }

@@ -123,7 +123,7 @@ class engine {
                        double & load_seconds);
     bool     admission_active(int64_t n_tokens) const;  // background admission serves this step
     uint64_t admission_budget(int64_t n_tokens) const;  // bytes background admission may queue now
-    void     calibrate();                               // the cost model, measured on this machine
+    cost_model calibrate() const;                       // the cost model, measured on this machine
     void read_ids(const ggml_tensor * t, std::vector<int32_t> & out) const;
     void read_weights(const ggml_tensor * t, std::vector<float> & out) const;
     void read_input(const ggml_tensor * t, std::vector<float> & out) const;
