@@ -448,7 +448,13 @@ class Model:
         if not self.offload.enabled:
             return None
         stats = self._native.offload_stats()
-        return stats if raw else summarize_stats(stats, tokens=self._tokens_evaluated)
+        if raw:
+            return stats
+        out = summarize_stats(stats, tokens=self._tokens_evaluated)
+        # what this OS lets the disk tier do (uncached reads, dropping pages): where it cannot, the
+        # page cache may hold expert bytes beside the budget
+        out["platform"] = _core.platform_capabilities(str(self.path))
+        return out
 
     def reset_stats(self) -> None:
         """Zeroes the generation totals and the engine's per-layer counters."""
