@@ -244,6 +244,7 @@ def test_available_memory_honours_a_cgroup_limit():
             capture_output=True,
             text=True,
             timeout=120,
+            cwd=Path(__file__).parent,  # not the repository root, whose pymoe/ has no built _core
         )
     assert proc.returncode == 0, proc.stderr
     native, ref = (int(x) for x in proc.stdout.split())
