@@ -6,12 +6,30 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+import numpy as np
 
 from . import _core
-from ._args import budget_arg
+from . import settings as settings_mod
 from ._units import format_bytes
 from .gguf_info import GGUFSummary, summarize
-from .offload import PARTITIONS, auto_budget, check_partition, parse_budget
+from .offload import auto_budget
+from .settings import Settings
+
+BUDGET_SETTINGS = (
+    "expert_budget",
+    "cache_partition",
+    "offload_tier",
+    "n_gpu_layers",
+    "rpc",
+    "n_ctx",
+    "n_batch",
+    "n_ubatch",
+    "prefetch",
+    "sidecar",
+    "lo_share",
+)
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -20,26 +38,21 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument("model", help="GGUF model file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tensors", action="store_true", help="also list every tensor")
-    parser.add_argument(
-        "--expert-budget",
-        metavar="SIZE",
-        help="show how this expert budget (6GiB, 0.5, 50%%, auto) would split over the slot pools",
-    )
-    parser.add_argument(
-        "--cache-partition",
-        choices=PARTITIONS,
-        default="layer",
-        help="the split for --expert-budget: a pool per layer or one shared (default: %(default)s)",
-    )
     parser.add_argument("--verbose", action="store_true", help="full error tracebacks")
+    settings_mod.add_arguments(parser, only=BUDGET_SETTINGS)
+    parser.set_defaults(expert_budget=None)  # no budget given: no budget section
+    parser.epilog = (
+        "With --expert-budget (6GiB, 0.5, 50%, auto): how the engine would place it, per device with -ngl and "
+        "--rpc, and the engine's own memory beside it (expert ids, read buffers, router copies); nothing is loaded."
+    )
     return parser
 
 
-def budget_split(s: GGUFSummary, budget_text: str, per_layer: bool = True) -> dict:
-    """How a budget splits over the model's slot pools (the engine's own split, nothing allocated)."""
+def budget_split(s: GGUFSummary, budget: int | None, per_layer: bool = True) -> dict:
+    """How a budget in bytes (None: auto) splits over the model's slot pools (the engine's own split,
+    nothing allocated)."""
     if not s.is_moe:
         raise ValueError(f"'{s.path}' is a dense model: there are no experts to offload")
-    budget = parse_budget(budget_arg(budget_text), s.expert_bytes)
     if budget is None:
         budget = auto_budget(s, 4096)
     plan = _core.offload_plan(str(s.path), budget, per_layer=per_layer)
@@ -53,6 +66,105 @@ def budget_split(s: GGUFSummary, budget_text: str, per_layer: bool = True) -> di
         "share_cached": slots / experts if experts else 0.0,
         "pools": plan["pools"],
     }
+
+
+# what one io thread may hold: an 8 MiB read plus alignment slack (engine::stats in native/pymoe-engine.cpp)
+READ_BUFFER_BYTES = (8 << 20) + 8192
+
+
+def layer_devices(n_layer: int, n_gpu_layers: int, devices: list[dict]) -> list[int | None]:
+    """The device (an index into `devices`) each repeating layer runs on, None for the CPU: the split
+    llama.cpp makes by default (llama_model::load_tensors): the last `n_gpu_layers` of the layers and the
+    output layer, cut in proportion to the devices' free memory."""
+    if not devices or n_gpu_layers == 0:
+        return [None] * n_layer
+    n_all = n_layer + 1  # the output layer counts
+    n_gpu = n_all if n_gpu_layers < 0 else min(n_gpu_layers, n_all)
+    start = n_all - n_gpu
+    cuts, acc = [], 0.0
+    total = float(sum(int(d["free"]) for d in devices)) or 1.0
+    for d in devices:
+        acc += int(d["free"]) / total
+        cuts.append(acc)
+    out: list[int | None] = []
+    for il in range(n_layer):
+        if il < start:
+            out.append(None)
+            continue
+        x = (il - start) / n_gpu
+        out.append(min(next((i for i, c in enumerate(cuts) if c > x), len(cuts) - 1), len(cuts) - 1))
+    return out
+
+
+def memory_plan(path: str, settings: Settings) -> dict:
+    """Where the engine's memory goes for `settings` (nothing loaded): the expert budget's slot pools and
+    the expert ids per device (or host memory), and the engine's host-memory overhead: the direct branch's
+    ids, the read buffers, the predictor's float copies of routers it cannot read in place. The same
+    figures `Model.offload_stats()` reports after loading (tests/test_info.py holds them together)."""
+    s = summarize(path)
+    if not s.is_moe:
+        raise ValueError(f"'{s.path}' is a dense model: there are no experts to offload")
+    settings = settings.replace(offload="on")
+    p, _, sidecar = settings.resolve(Path(path), s)
+    o = p.offload
+    tier, devices = settings.placement()
+    devices = devices or []
+    per_layer = settings.cache_partition == "layer"
+    budget_lo = int(o.lo_share * o.budget) if sidecar else 0
+    split = budget_split(s, o.budget - budget_lo, per_layer)
+    pools = list(split["pools"])
+    if sidecar:  # the low-precision copies' pools take their share of the budget
+        lo = _core.offload_plan(str(sidecar), budget_lo, per_layer=per_layer)
+        pools += lo["pools"]
+        split["allocated"] += lo["bytes"]
+        split["allocated_lo"] = lo["bytes"]
+    split["budget"] = o.budget
+    split["tier"] = tier
+    placed = layer_devices(s.n_layer, settings.n_gpu_layers, devices)
+    rows = settings.n_batch  # the largest ubatch the plan is written for (the ubatch is at most the batch)
+    n_branches = 4 if sidecar else 2
+    moe = set(s.moe_layers)
+    per_dev = [
+        {"name": d["name"], "endpoint": d["endpoint"], "free": int(d["free"]), "layers": [], "pool_bytes": 0}
+        for d in devices
+    ]
+    host = {"name": "host", "layers": [], "pool_bytes": 0}
+    for pool in pools:
+        for il in pool["layers"]:
+            dev = placed[il]
+            target = host if dev is None else per_dev[dev]
+            if il not in target["layers"]:  # a layer has a pool and maybe a low-precision one
+                target["layers"].append(il)
+            target["pool_bytes"] += pool["n_slots"] * pool["slot_bytes"] // len(pool["layers"])
+    for target in (*per_dev, host):
+        n_moe = len([il for il in target["layers"] if il in moe])
+        target["ids_bytes"] = n_moe * s.n_expert_used * n_branches * rows * 4
+    direct_ids = len(moe) * s.n_expert_used * rows * 4
+    loader = o.prefetch or (o.admission and bool(devices))
+    io = o.io_threads * (2 if sidecar else 1) + (max(1, o.io_threads // 2) if loader else 0)
+    routers = 0
+    if o.prefetch:  # the first MoE layer is never predicted
+        for t in s.tensors:
+            role = t.name.rsplit(".", 2)[-2] if t.name.count(".") >= 2 else ""
+            router = t.layer in moe and t.layer != min(moe) and role in ("ffn_gate_inp", "exp_probs_b")
+            if router and (placed[t.layer] is not None or t.type != "f32"):
+                routers += 4 * int(np.prod(t.shape))
+    split["devices"] = [d for d in per_dev if d["layers"]]
+    split["host"] = {
+        "pool_bytes": host["pool_bytes"],
+        "ids_bytes": host["ids_bytes"] + direct_ids,
+        "read_buffer_bytes": io * READ_BUFFER_BYTES,
+        "router_copy_bytes": routers,
+    }
+    split["overhead_bytes"] = sum(d["ids_bytes"] for d in per_dev) + sum(
+        v for k, v in split["host"].items() if k != "pool_bytes"
+    )
+    return split
+
+
+def span_of(layers: list[int]) -> str:
+    """0-15 for a run of layers, the list otherwise."""
+    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
 
 
 def group_pools(pools: list[dict]) -> list[tuple[list[int], dict]]:
@@ -73,7 +185,7 @@ def group_pools(pools: list[dict]) -> list[tuple[list[int], dict]]:
 
 def main(args: argparse.Namespace) -> int:
     s = summarize(args.model)
-    split = budget_split(s, args.expert_budget, check_partition(args.cache_partition)) if args.expert_budget else None
+    split = memory_plan(args.model, settings_mod.from_args(args)) if args.expert_budget is not None else None
     if args.json:
         d = s.as_dict()
         if args.tensors:
@@ -111,12 +223,24 @@ def main(args: argparse.Namespace) -> int:
             f"({split['share_cached']:.0%}) in slots, {format_bytes(split['allocated'])} allocated"
         )
         for layers, p in group_pools(split["pools"]):
-            span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+            span = span_of(layers)
             each = " each" if len(layers) > 1 and len(p["layers"]) == 1 else ""
             print(
                 f"  layers {span}: {p['n_slots']} slots{each} of {format_bytes(p['slot_bytes'])} "
                 f"({p['n_slots'] / p['n_experts']:.0%} of {p['n_experts']} experts)"
             )
+        for d in split["devices"]:
+            where = f"{d['name']} ({d['endpoint']})" if d["endpoint"] else d["name"]
+            print(
+                f"  on {where}: layers {span_of(d['layers'])}, slots {format_bytes(d['pool_bytes'])} + expert ids "
+                f"{format_bytes(d['ids_bytes'])} of {format_bytes(d['free'])} free"
+            )
+        h = split["host"]
+        print(
+            f"engine memory {format_bytes(split['overhead_bytes'])} beside the budget: expert ids "
+            f"{format_bytes(h['ids_bytes'] + sum(d['ids_bytes'] for d in split['devices']))}, read buffers "
+            f"{format_bytes(h['read_buffer_bytes'])}, router copies {format_bytes(h['router_copy_bytes'])}"
+        )
     if args.tensors:
         print()
         for t in s.tensors:

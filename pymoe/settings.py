@@ -319,14 +319,19 @@ class Settings:
 
     # ------------------------------------------------------------------ the native side
 
+    def placement(self) -> tuple[str, list[dict[str, Any]] | None]:
+        """The offload tier ('auto' decided) and the devices the layers and the expert slots go to (the
+        GPUs and RPC devices, `_core.devices()` entries, connecting to `rpc`); None when they stay in host memory."""
+        on_gpu = self.n_gpu_layers != 0 and (bool(self.rpc) or _core.supports_gpu_offload())
+        tier = resolve_tier(self.offload_tier, gpu=on_gpu)
+        # slots on the device(s) the layers go to: their memory is the budget's
+        return tier, (gpu_devices(self.rpc) if on_gpu and tier == "host" else None)
+
     def resolve(self, path: Path, summary: GGUFSummary) -> tuple[_core.ModelParams, OffloadConfig, Path | None]:
         """The native parameters for loading `path`: 'auto' values decided (budget, tier, sidecar), the
         offload decision and its reason, and the sidecar in use."""
         n_ctx = self.n_ctx or _core.default_n_ctx(_ctx_train(summary))
-        on_gpu = self.n_gpu_layers != 0 and (bool(self.rpc) or _core.supports_gpu_offload())
-        tier = resolve_tier(self.offload_tier, gpu=on_gpu)
-        # slots on the device(s) the layers go to: their memory is the budget's
-        devices = gpu_devices(self.rpc) if on_gpu and tier == "host" else None
+        tier, devices = self.placement()
         offload = OffloadConfig.resolve(
             summary,
             offload=self.offload,
@@ -400,12 +405,13 @@ def flag_of(name: str) -> str:
     return next((f for f in flags if f.startswith("--")), name)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds a flag for every setting that has one, grouped as the settings are, with their help."""
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Adds a flag for every setting that has one (or for the settings named in `only`), grouped as the
+    settings are, with their help."""
     groups: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
         m = f.metadata
-        if not m["flags"]:
+        if not m["flags"] or (only is not None and f.name not in only):
             continue
         if m["group"] not in groups:
             groups[m["group"]] = parser.add_argument_group(m["group"])
@@ -425,7 +431,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
-    """The settings a command line asked for (flags not given keep their defaults)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.metadata["flags"]}
+    """The settings a command line asked for (flags not given, or not offered by the command, keep their
+    defaults)."""
+    offered = [f.name for f in dataclasses.fields(Settings) if f.metadata["flags"] and hasattr(args, f.name)]
+    values = {name: getattr(args, name) for name in offered}
     values.update(overrides)
     return Settings(**values)

@@ -6,7 +6,8 @@ is process-wide: the test process itself never connects to a server).
 SPEC: {"model": path, "tokens": [...], "runs": {name: {settings...}}, "decode": n}
 For each run: the teacher-forced logits of the tokens in one batch, and (when
 "decode" > 0) the logits of the last `decode` tokens fed one at a time after
-the others, as generation does; the engine's stats go to OUT.json.
+the others, as generation does; the engine's stats and `pymoe info`'s memory plan for the same settings go to
+OUT.json.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 import pymoe
 from pymoe import stats
+from pymoe.info import memory_plan
 
 
 def main() -> int:
@@ -46,6 +48,10 @@ def main() -> int:
                 report[name]["pools_by_buffer"] = raw["pools_by_buffer"]
                 report[name]["read_bandwidth"] = raw["read_bandwidth"]
                 report[name]["tier"] = raw["tier"]
+                for key in ("ids_bytes", "bounce_bytes", "router_copy_bytes", "pool_bytes"):
+                    report[name][key] = raw[key]
+                # what `pymoe info --expert-budget` says of the same settings, nothing loaded
+                report[name]["plan"] = memory_plan(spec["model"], pymoe.Settings(**kw))
     np.savez(sys.argv[2], **arrays)
     with open(sys.argv[2] + ".json", "w") as f:
         json.dump(report, f)

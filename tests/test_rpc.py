@@ -187,3 +187,26 @@ def test_server_killed_mid_generation_is_a_clear_error_not_a_hang(demo_gguf):
     finally:
         if server.poll() is None:
             stop_server(server)
+
+
+def test_info_predicts_the_engine_memory_on_two_devices(tiny, rpc, tmp_path):
+    """`pymoe info --expert-budget` over two RPC servers: the layer split, each device's slot bytes and
+    every figure of the engine's own memory (ids, read buffers, router copies) are what the engine
+    allocates when it loads the model with the same settings."""
+    port = _free_port()
+    second = start_server(port)
+    try:
+        on = {**BASE, "rpc": [rpc, f"127.0.0.1:{port}"], "offload": "on", "expert_budget": 0.5, "prefetch": True}
+        _, report = run_child(tmp_path, tiny.gguf("mixtral"), _tokens(24), {"two": on}, decode=4)
+    finally:
+        stop_server(second)
+    got, plan = report["two"], report["two"]["plan"]
+    by_endpoint = {d["endpoint"]: d for d in plan["devices"]}
+    assert set(by_endpoint) == set(on["rpc"]) and all(d["layers"] for d in by_endpoint.values())
+    for buf, size in got["pools_by_buffer"]:
+        endpoint = buf[buf.index("[") + 1 : buf.index("]")]
+        assert by_endpoint[endpoint]["pool_bytes"] == size, (buf, plan["devices"])
+    assert sum(d["pool_bytes"] for d in plan["devices"]) == got["pool_bytes"]
+    assert sum(d["ids_bytes"] for d in plan["devices"]) + plan["host"]["ids_bytes"] == got["ids_bytes"]
+    assert plan["host"]["read_buffer_bytes"] == got["bounce_bytes"]
+    assert plan["host"]["router_copy_bytes"] == got["router_copy_bytes"] > 0  # the routers live on the devices
