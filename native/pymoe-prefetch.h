@@ -66,7 +66,8 @@ class router_predictor : public expert_predictor {
     bool predict(int32_t il, const float * x, int64_t n_tokens, int32_t k, std::vector<predicted_expert> & out) override;
 
     // host memory of the float copies made of routers that could not be read in place
-    uint64_t copied_bytes() const { return copied_bytes_; }
+    // (written by the compute thread, read by stats() from any thread)
+    uint64_t copied_bytes() const { return copied_bytes_.load(std::memory_order_relaxed); }
 
   private:
     struct router {
@@ -79,7 +80,7 @@ class router_predictor : public expert_predictor {
     };
     int64_t             n_embd_;
     std::vector<router> routers_;
-    uint64_t            copied_bytes_ = 0;
+    std::atomic<uint64_t> copied_bytes_{ 0 };
 };
 
 // Prefetching as the engine runs it: the predictor, the background loader, the
