@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -236,6 +237,13 @@ def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
             "tg_tokens_per_second": run.tg_tokens_per_second,
             "peak_rss_bytes": peak_rss_bytes(),
         }
+        timed = {
+            "prompt_tokens": run.n_prompt * len(run.pp_seconds),
+            "prompt_seconds": sum(run.pp_seconds),
+            "generated_tokens": run.n_gen * len(run.tg_seconds),
+            "generate_seconds": sum(run.tg_seconds),
+        }
+        result["summary"] = counters.summary(stats, timed)  # what `pymoe bench` prints per configuration
         if stats:
             decode_tokens = args.gen_tokens
             tg_bytes = sum(
@@ -359,7 +367,7 @@ def run_llama_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(results: list[dict[str, Any]], reference: dict[str, Any] | None) -> None:
-    cols = ("budget", "pp tok/s", "tg tok/s", "hit rate", "MiB/token", "direct", "peak RSS")
+    cols = ("budget", "pp tok/s", "tg tok/s", "hit rate", "tg MiB/tok", "direct", "peak RSS")
     print(" ".join(f"{c:>{w}}" for c, w in zip(cols, (9, 9, 9, 9, 10, 7, 10), strict=True)))
     for r in results:
         hit = f"{r['hit_rate']:.3f}" if "hit_rate" in r else "-"
@@ -439,7 +447,7 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         plot(results[-1], args.plot, summary.name or Path(args.model).name)
     if args.json:
-        slim = [{k: v for k, v in r.items() if k not in ("expert_pairs", "decode_hits")} for r in results]
+        slim = [{k: v for k, v in r.items() if k not in ("expert_pairs", "decode_hits", "summary")} for r in results]
         print(
             json.dumps(
                 {
@@ -457,6 +465,9 @@ def main(args: argparse.Namespace) -> int:
             f"threads {args.n_threads or os.cpu_count()}"
         )
         print_table(results, reference)
+        for r in results:
+            print(f"\nbudget {r['budget']}:")
+            print(textwrap.indent(r["summary"], "  "))
         if args.plot:
             print(f"plot: {args.plot}")
     return 0

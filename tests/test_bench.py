@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import ROOT, run_pymoe
@@ -29,7 +30,7 @@ def test_bench_budgets_json_and_plot(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     off, half = report["results"]
-    assert off["budget"] == "off" and not off["offload"] and "hit_rate" not in off
+    assert off["budget"] == "off" and not off["offload"] and "hit_rate" not in off and "summary" not in off
     assert half["offload"] and half["policy"] == "lfu" and 0.0 <= half["hit_rate"] <= 1.0
     for r in (off, half):
         assert r["pp_tokens_per_second"] > 0 and r["tg_tokens_per_second"] > 0 and r["peak_rss_bytes"] > 0
@@ -38,9 +39,16 @@ def test_bench_budgets_json_and_plot(tiny, tmp_path):
 
 
 def test_bench_table(tiny):
-    proc = run_pymoe("bench", str(tiny.gguf("mixtral")), "--budgets", "0.25", "-p", "8", "-n", "3")
+    """The table, then per configuration the summary of chat's /stats (speed of the timed runs: 8 prompt
+    tokens and 3 decode steps, no warm-up in them)."""
+    proc = run_pymoe("bench", str(tiny.gguf("mixtral")), "--budgets", "off,0.25", "-p", "8", "-n", "3")
     assert proc.returncode == 0, proc.stderr
     assert "hit rate" in proc.stdout and "0.25" in proc.stdout
+    _, off, quarter = proc.stdout.split("\nbudget ")
+    speed = r"\n  speed +prompt [\d.]+ tok/s \(8 tokens\), generation [\d.]+ tok/s \(3 tokens\)\n"
+    assert re.match(r"off:" + speed + r"  experts +offload is off", off), off
+    assert re.match(r"0\.25:" + speed + r"  experts +disk tier, lru policy; \d+ slots", quarter), quarter
+    assert re.search(r"^  hit rate +[\d.]+% of \d+ lookups", quarter, re.M), quarter
 
 
 LLAMA_BENCH = ROOT / "build" / "llama-tools" / "bin" / "llama-bench"
