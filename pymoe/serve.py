@@ -175,11 +175,11 @@ def main(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     api_key = resolve_api_key(args)
     sampling = sampling_from_args(args)
-    if args.verbose:  # the server's access log on stderr
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        logging.getLogger("pymoe").addHandler(handler)
-        logging.getLogger("pymoe").setLevel(logging.DEBUG)
+    # the server's log on stderr: warnings and the stats at shutdown; --verbose adds the access log
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.getLogger("pymoe").addHandler(handler)
+    logging.getLogger("pymoe").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     with load_model(args) as model:
         try:
             server = Server(

@@ -67,8 +67,12 @@ def serve(model: Path, log: Path, *extra: str) -> Iterator[Served]:
             proc.kill()
             proc.wait()
             raise
-    assert rc == 0, log.read_text()
-    assert log.read_text().rstrip().endswith("pymoe serve: stopped"), log.read_text()
+    text = log.read_text()
+    assert rc == 0, text
+    assert text.rstrip().endswith("pymoe serve: stopped"), text
+    # the summary of chat's /stats, logged at shutdown
+    logged = re.search(r"stopped \(requests completed: \d+\); the model since it was loaded:\n((?:.+\n)+)pymoe", text)
+    assert logged and re.search(r"^experts +", logged.group(1), re.M), text
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +408,9 @@ def test_queue_full_and_clients_that_leave(demo_gguf, tmp_path):
         model = request(port, "GET", "/stats")[1]["model"]
         # A stopped early: the tokens generated in all, less B's 4, are far fewer than A asked for
         assert model["calls"] == 2 and model["generated_tokens"] - 4 < limit // 2, (model, waited)
+    log = srv.log.read_text()
+    assert "stopped (requests completed: 1); the model since it was loaded:\nspeed        prompt " in log, log
+    assert f"generation {model['generated_tokens'] / model['generate_seconds']:.1f} tok/s" in log, log
 
 
 def test_port_in_use_is_one_clear_line(server, demo_gguf):

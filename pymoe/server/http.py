@@ -23,6 +23,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from ..model import Model
+from ..stats import summary
 from .access import Access
 from .connections import Connections, DeadlineReader, RateLog
 from .protocol import DEFAULT_MAX_TOKENS_LIMIT, Answer, ApiError, model_object, parse_request
@@ -164,6 +165,12 @@ class Server:
             self._serve_thread.join(timeout)
         self.worker.join(timeout)
         self._httpd.server_close()
+        queue_state, model = self.worker.stats()
+        log.info(
+            "stopped (requests completed: %d); the model since it was loaded:\n%s",
+            queue_state["completed"],
+            summary(model["offload"], model),
+        )
 
     def __enter__(self) -> Server:
         return self
