@@ -1,9 +1,11 @@
 """`pymoe chat`: an interactive, streaming chat in the terminal.
 
-Commands: /reset forgets the conversation, /stats shows counters, /exit
-leaves (so do Ctrl-D and Ctrl-C at the prompt). Ctrl-C while the model
-answers stops that answer, not the program; while it reads a long message,
-it stops that at once and the message is not kept."""
+Commands: /reset forgets the conversation, /stats shows a summary of speed
+and the expert cache since the model was loaded (/stats layers: a line per
+layer; /stats json: the raw counters), /exit leaves (so do Ctrl-D and Ctrl-C
+at the prompt). Ctrl-C while the model answers stops that answer, not the
+program; while it reads a long message, it stops that at once and the
+message is not kept."""
 
 from __future__ import annotations
 
@@ -11,12 +13,20 @@ import argparse
 import contextlib
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from ._args import add_model_args, add_sampling_args, load_model, sampling_from_args
+from ._stats_args import VIEWS, add_stats_args, stats_text
 from .conversation import Conversation
 from .demo import demo_model_path
 
-HELP = "commands: /reset (new conversation), /stats (counters), /exit (leave); Ctrl-C stops an answer"
+if TYPE_CHECKING:
+    from .model import Model
+
+HELP = (
+    "commands: /reset (new conversation), /stats [layers|json] (speed and expert cache), /exit (leave); "
+    "Ctrl-C stops an answer"
+)
 
 
 def setup_arg_parser(
@@ -30,12 +40,21 @@ def setup_arg_parser(
         "-n", "--max-tokens", type=int, default=512, metavar="N", help="longest answer in tokens (default: %(default)s)"
     )
     parser.add_argument("-s", "--system", default=None, metavar="TEXT", help="system prompt")
-    parser.add_argument("--stats", action="store_true", help="print speed and token counts after each answer")
+    add_stats_args(parser, when="after each answer", json_file=False)
     return parser
 
 
-def _print_stats(stats: dict) -> None:
-    print(json.dumps(stats, indent=2, default=str), file=sys.stderr)
+def _stats_command(model: Model, words: list[str]) -> None:
+    """/stats, /stats layers, /stats json: counters since the model was loaded."""
+    view = words[1].lower() if len(words) > 1 else "summary"
+    if view == "json":
+        print(json.dumps(model.stats(), indent=2, default=str), file=sys.stderr)
+    elif view in VIEWS and len(words) <= 2:
+        print(stats_text(model, model.stats(), view), file=sys.stderr)
+    else:
+        print(
+            f"unknown /stats view {' '.join(words[1:])!r}; hint: /stats, /stats layers or /stats json", file=sys.stderr
+        )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -69,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
                     conv.reset()
                     print("[conversation cleared]", file=sys.stderr)
                 elif cmd == "/stats":
-                    _print_stats(model.stats())
+                    _stats_command(model, text.split())
                 elif cmd == "/help":
                     print(HELP, file=sys.stderr)
                 else:
@@ -90,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
             if conv.dropped_turns > dropped:
                 print(f"[context full: dropped the {conv.dropped_turns - dropped} oldest turn(s)]", file=sys.stderr)
             if args.stats:
-                _print_stats({"generation": model.last_stats.as_dict(), "offload": model.offload_stats()})
+                print(stats_text(model, model.last_stats.as_dict(), args.stats), file=sys.stderr)
     return 0
 
 

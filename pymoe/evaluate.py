@@ -16,6 +16,7 @@ import numpy as np
 
 from ._args import add_model_args, load_model
 from ._atomic import atomic_output, check_output_path
+from ._stats_args import add_stats_args, check_stats_args, report_stats
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     src.add_argument("--tokens", metavar="FILE", help="a file of whitespace-separated token ids")
     parser.add_argument("--logits-out", required=True, metavar="OUT.npy", help="where to save the logits")
     parser.add_argument("--force", action="store_true", help="overwrite OUT.npy if it exists")
-    parser.add_argument("--stats", action="store_true", help="print the expert-offload counters to stderr")
+    add_stats_args(parser)
     # exact comparisons want an f32 KV cache (f16 adds ~1e-3 relative error)
     parser.set_defaults(cache_type="f32")
     return parser
@@ -49,6 +50,7 @@ def read_token_file(path: Path) -> list[int]:
 def main(args: argparse.Namespace) -> int:
     out = Path(args.logits_out)
     check_output_path(out, force=args.force)
+    check_stats_args(args)
     tokens: list[int] | None = None
     text = ""
     if args.tokens:
@@ -65,11 +67,10 @@ def main(args: argparse.Namespace) -> int:
     with load_model(args, n_ctx=n_ctx) as model:
         ids = tokens if tokens is not None else model.tokenize(text, add_bos=True)
         logits = model.logits(ids)
-        offload = model.offload_stats()
-    with atomic_output(out, force=args.force) as tmp, open(tmp, "wb") as f:
-        np.save(f, logits.astype(np.float32, copy=False))
-    report = {"tokens": len(ids), "n_vocab": int(logits.shape[1]), "logits_out": str(out)}
-    if args.stats:
-        report["offload"] = offload
-    print(json.dumps(report), file=sys.stderr)
+        with atomic_output(out, force=args.force) as tmp, open(tmp, "wb") as f:
+            np.save(f, logits.astype(np.float32, copy=False))
+        print(
+            json.dumps({"tokens": len(ids), "n_vocab": int(logits.shape[1]), "logits_out": str(out)}), file=sys.stderr
+        )
+        report_stats(args, model)
     return 0

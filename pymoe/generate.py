@@ -4,11 +4,11 @@ With --temp 0 the output is deterministic."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ._args import add_model_args, add_sampling_args, load_model, sampling_from_args
+from ._stats_args import add_stats_args, check_stats_args, report_stats
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         "--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT is generated (repeatable)"
     )
     parser.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
-    parser.add_argument("--stats", action="store_true", help="print token counts and speed to stderr at the end")
+    add_stats_args(parser)
     add_sampling_args(parser)
     return parser
 
@@ -52,6 +52,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.max_tokens < 0:
         raise ValueError("--max-tokens must be >= 0")
+    check_stats_args(args)
     prompt = read_prompt(args)
     sampling = sampling_from_args(args)
     with load_model(args) as model:
@@ -68,7 +69,5 @@ def main(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if args.stats:
-            report = {"generation": model.last_stats.as_dict(), "offload": model.offload_stats()}
-            print(json.dumps(report, indent=2), file=sys.stderr)
+        report_stats(args, model, model.last_stats.as_dict())
     return 0

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._atomic import atomic_output, check_output_path
+from ._stats_args import add_stats_args, check_stats_args, report_stats
 from ._units import format_bytes
 
 if TYPE_CHECKING:
@@ -484,13 +484,14 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     )
     parser.add_argument("--force", action="store_true", help="overwrite the --kl-divergence-base file if it exists")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--stats", action="store_true", help="print the expert-offload counters to stderr")
+    add_stats_args(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     from ._args import load_model
 
+    check_stats_args(args)
     tokens_from_text = not args.kl_divergence
     if args.kl_divergence:
         if not args.kl_divergence_base:
@@ -525,8 +526,7 @@ def main(args: argparse.Namespace) -> int:
             )
         else:
             res = model.perplexity(reference=ref, token_by_token=args.token_by_token)
-        if args.stats:
-            print(json.dumps({"offload": model.offload_stats()}, indent=2), file=sys.stderr)
+        report_stats(args, model)
     if args.json:
         print(json.dumps(res.as_dict()))
         return 0

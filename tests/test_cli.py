@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -44,13 +45,35 @@ def test_generate_seeded_sampling_repeats(demo_gguf):
     assert a.returncode == 0 and a.stdout == b.stdout
 
 
-def test_generate_reads_stdin_and_reports_stats(demo_gguf):
+def test_generate_reads_stdin_and_reports_stats(demo_gguf, tmp_path):
+    """--stats: the summary on stderr; --stats-json FILE: the raw counters, as JSON."""
+    out = tmp_path / "stats.json"
     proc = run_pymoe(
-        "generate", str(demo_gguf), "-f", "-", "-n", "4", "--temp", "0", "--stats", input="The capital of France is"
-    )
+        "generate", str(demo_gguf), "-f", "-", "-n", "4", "--temp", "0", "--offload", "off", "--stats",
+        "--stats-json", str(out), input="The capital of France is",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    stats = json.loads(proc.stderr[proc.stderr.index("{") :])["generation"]
-    assert stats["prompt_tokens"] == 5 and stats["generated_tokens"] == 4
+    speed = r"^speed +prompt [\d.]+ tok/s \(5 tokens\), generation [\d.]+ tok/s \(4 tokens\)$"
+    assert re.search(speed, proc.stderr, re.M)
+    assert re.search(r"^experts +offload is off", proc.stderr, re.M)
+    report = json.loads(out.read_text())
+    assert report["offload"] is None
+    assert report["generation"]["prompt_tokens"] == 5 and report["generation"]["generated_tokens"] == 4
+    bad = run_pymoe("generate", str(demo_gguf), "-p", "x", "--stats-json", str(tmp_path / "no" / "s.json"))
+    assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("verb", ["generate", "eval", "perplexity", "chat"])
+def test_stats_flags_leave_the_model_to_the_positional(verb):
+    """`--stats MODEL` (the flag takes no value) and `--stats=layers` in either place."""
+    import importlib
+
+    parser = importlib.import_module(f"pymoe.{'evaluate' if verb == 'eval' else verb}").setup_arg_parser()
+    extra = {"generate": ["-p", "x"], "eval": ["--logits-out", "l.npy", "--text", "t.txt"]}.get(verb, [])
+    for argv, view in ((["--stats", "m.gguf"], "summary"), (["m.gguf", "--stats=layers"], "layers"),
+                       (["--stats=layers", "m.gguf"], "layers"), (["m.gguf"], None)):  # fmt: skip
+        args = parser.parse_args([*argv, *extra])
+        assert args.model == "m.gguf" and args.stats == view
 
 
 def test_info_reports_experts_and_bytes(demo_gguf, dense_gguf):
@@ -166,7 +189,14 @@ def test_chat_session(demo_gguf):
         child.expect("Paris")
         child.expect("> ")
         child.sendline("/stats")
-        child.expect('"generated_tokens"')
+        child.expect(r"speed +prompt [\d.]+ tok/s \(\d+ tokens\), generation [\d.]+ tok/s \((\d+) tokens\)")
+        generated = int(child.match.group(1))
+        child.expect("> ")
+        child.sendline("/stats json")
+        child.expect(f'"generated_tokens": {generated},')
+        child.expect("> ")
+        child.sendline("/stats bars")
+        child.expect("unknown /stats view 'bars'; hint: /stats, /stats layers or /stats json")
         child.expect("> ")
         child.sendline("/reset")
         child.expect("conversation cleared")
@@ -209,7 +239,7 @@ def test_chat_ctrl_c_during_a_long_prompt_stops_it_and_drops_the_message(demo_gg
         child.expect("> ")
         child.sendline("What is the capital of France?")
         child.expect("Paris")
-        child.expect('"prompt_tokens": (\\d+)')
+        child.expect(r"speed +prompt [\d.]+ tok/s \((\d+) tokens\)")
         assert int(child.match.group(1)) < 100  # this message alone, not the interrupted one too
         child.expect("> ")
         child.sendeof()

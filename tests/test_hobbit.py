@@ -3,6 +3,8 @@ cache policy and next-layer prefetching (HOBBIT), and their pure parts."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -178,6 +180,8 @@ def test_cli_mixed_precision_and_prefetch_flags(mixtral_with_sidecar, tmp_path):
         "--logits-out",
         str(tmp_path / "l.npy"),
         "--stats",
+        "--stats-json",
+        str(tmp_path / "stats.json"),
         "--offload",
         "on",
         "--expert-budget",
@@ -194,9 +198,12 @@ def test_cli_mixed_precision_and_prefetch_flags(mixtral_with_sidecar, tmp_path):
     assert proc.returncode == 0, proc.stderr
     import json
 
-    report = json.loads(proc.stderr[proc.stderr.index("{") :])
-    off = report["offload"]
+    off = json.loads((tmp_path / "stats.json").read_text())["offload"]
     assert off["policy"] == "multidim" and off["n_slots_lo"] > 0 and off["lo_pairs"] > 0 and off["prefetch"]
+    # the summary shows what is in use: low-precision slots and pairs, prefetching
+    assert f"+ {off['n_slots_lo']} low-precision" in proc.stderr
+    assert f"{off['lo_share_of_pairs']:.0%} in low precision" in proc.stderr
+    assert re.search(r"^prefetch +on; nothing predicted yet$", proc.stderr, re.M)  # one batch: too big to predict
     bad = run_pymoe(
         "eval",
         str(main),

@@ -284,7 +284,7 @@ def test_stats_add_up(demo_gguf):
     assert s["bytes_moved_per_token"] > 0 and s["read_bandwidth"] > 0
 
 
-def test_cli_offload_flags_and_stats(demo_gguf):
+def test_cli_offload_flags_and_stats(demo_gguf, tmp_path):
     proc = run_pymoe(
         "generate",
         str(demo_gguf),
@@ -300,12 +300,17 @@ def test_cli_offload_flags_and_stats(demo_gguf):
         "0.25",
         "--policy",
         "lfu",
-        "--stats",
+        "--stats=layers",
+        "--stats-json",
+        str(tmp_path / "stats.json"),
     )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
-    report = json.loads(proc.stderr[proc.stderr.index("{") :])
+    report = json.loads((tmp_path / "stats.json").read_text())
     assert report["offload"]["policy"] == "lfu" and report["offload"]["hits"] > 0
+    assert f"disk tier, lfu policy; {report['offload']['n_slots']} slots" in proc.stderr
+    assert f"hit rate     {report['offload']['hit_rate']:.1%}" in proc.stderr
+    assert len(re.findall(r"^ +\d+ +\d+% #*\.*", proc.stderr, re.M)) == 30  # --stats=layers: a line per layer
 
     info = run_pymoe("info", str(demo_gguf), "--expert-budget", "50%")
     assert info.returncode == 0 and "120 of 240 experts (50%) in slots" in info.stdout
@@ -330,11 +335,15 @@ def test_chat_stats_show_the_cache(demo_gguf):
         "on",
         "--expert-budget",
         "0.5",
-        input="Hi!\n/stats\n/exit\n",
+        input="Hi!\n/stats\n/stats layers\n/stats json\n/exit\n",
     )
     assert proc.returncode == 0, proc.stderr
-    stats = json.loads(proc.stderr[proc.stderr.index("{") :])
+    stats = json.loads(proc.stderr[proc.stderr.index("{") : proc.stderr.rindex("}") + 1])  # /stats json
     assert stats["offload"]["n_slots"] == 120 and stats["offload"]["hit_rate"] > 0
+    summary = proc.stderr[: proc.stderr.index("{")]
+    assert "disk tier, lru policy; 120 slots" in summary
+    assert f"hit rate     {stats['offload']['hit_rate']:.1%}" in summary
+    assert summary.count("\nlayer  hit rate") == 1 and len(re.findall(r"^ +\d+ +\d+% ", summary, re.M)) == 30
 
 
 def test_replay_mode_routes_by_the_trace(tiny):

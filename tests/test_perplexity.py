@@ -187,8 +187,15 @@ def test_cli(tiny, tmp_path):
     assert res["n_chunks"] == 3 and res["n_ctx"] == 16 and res["n_tokens"] == 24
     c = res["comparison"]
     assert 0.0 < c["kl_mean"] < 1.0 and 0.0 <= c["top1_agreement"] <= 1.0 and c["ppl_ratio"] > 0
-    text_out = run_pymoe("perplexity", q8, "--kl-divergence-base", str(ref), "--kl-divergence")
+    counters = tmp_path / "stats.json"
+    text_out = run_pymoe("perplexity", q8, "--kl-divergence-base", str(ref), "--kl-divergence", "--offload", "on",
+                         "--expert-budget", "0.5", "--stats", "--stats-json", str(counters))  # fmt: skip
     assert "KL divergence mean" in text_out.stdout and "top-1 agreement" in text_out.stdout
+    # --stats: the summary on stderr; --stats-json: the raw counters (no generation in a perplexity run)
+    report = json.loads(counters.read_text())
+    assert list(report) == ["offload"] and report["offload"]["hit_rate"] > 0
+    assert f"hit rate     {report['offload']['hit_rate']:.1%} of " in text_out.stderr, text_out.stderr
+    assert "speed" not in text_out.stderr
     for bad, why in (
         (["--kl-divergence"], "--kl-divergence-base"),
         (["--kl-divergence-base", str(ref), "--kl-divergence", "-f", str(text)], "drop -f"),

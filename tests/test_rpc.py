@@ -8,6 +8,7 @@ API, as a GPU's is. Offloading must change no logits there either."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -145,17 +146,23 @@ def mixtral_with_sidecar_rpc(tiny, tmp_path_factory):
     return out / "main.gguf", out / "main.lo.gguf", out / "q4.gguf"
 
 
-def test_stats_show_both_branches(demo_gguf, rpc):
+def test_stats_show_both_branches(demo_gguf, rpc, tmp_path):
     """`--stats` on a model on the RPC device: pairs from device slots and pairs on the CPU."""
     proc = run_pymoe(
         "generate", str(demo_gguf), "-p", "Once upon a time", "-n", "24", "--temp", "0", "--rpc", rpc,
-        "-ngl", "99", "-t", "1", "--offload", "on", "--expert-budget", "0.3", "--stats", timeout=900,
+        "-ngl", "99", "-t", "1", "--offload", "on", "--expert-budget", "0.3", "--stats",
+        "--stats-json", str(tmp_path / "stats.json"), timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = json.loads(proc.stderr[proc.stderr.index("{") :])
-    offload = stats["offload"]
+    offload = json.loads((tmp_path / "stats.json").read_text())["offload"]
     assert offload["tier"] == "host"
     assert offload["pool_pairs"] > 0 and offload["direct_pairs"] > 0 and offload["admissions"] > 0
+    # the summary: the slots on the device, the CPU's share, the background uploads, the link's speed
+    assert re.search(rf"slots on RPC\d*\[{re.escape(rpc)}\] [\d.]+ MiB", proc.stderr)
+    cpu = offload["direct_pairs"] / offload["pairs"]
+    assert re.search(rf"^computed +\d+% of pairs from slots, {cpu:.0%} on the CPU$", proc.stderr, re.M)
+    assert f"admission    {offload['admissions']} missed experts uploaded in the background" in proc.stderr
+    assert re.search(r"^calibration +link [\d.]+ [KMG]iB/s, CPU ", proc.stderr, re.M)
 
 
 def test_unreachable_server_is_a_clear_error(demo_gguf):
