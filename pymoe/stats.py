@@ -111,8 +111,8 @@ def _speed(g: Mapping[str, Any]) -> str | None:
     return ", ".join(parts) or None
 
 
-# the engine's buffers beside the budget (native/pymoe.h, offload_stats), as the summary names them
-_OVERHEAD = (("bounce_bytes", "read buffers"), ("ids_bytes", "routing ids"), ("router_copy_bytes", "router copies"))
+# the engine's buffers beside the budget (native/pymoe.h, offload_stats), named as `pymoe info` names them
+_OVERHEAD = (("ids_bytes", "expert ids"), ("bounce_bytes", "read buffers"), ("router_copy_bytes", "router copies"))
 
 # what the disk tier does where the platform lets it (platform_capabilities), and what happens where not
 _PLATFORM = (
@@ -132,11 +132,12 @@ def _budget(o: Mapping[str, Any]) -> list[tuple[str, str | None]]:
     devices = None
     if on_devices(o):
         devices = "slots on " + ", ".join(f"{name} {format_bytes(n)}" for name, n in o["pools_by_buffer"])
-    beside = [f"{format_bytes(o[k])} {name}" for k, name in _OVERHEAD if o.get(k)]
+    beside = [f"{name} {format_bytes(o[k])}" for k, name in _OVERHEAD if o.get(k)]
+    engine = f"{format_bytes(o['overhead_bytes'])} beside the budget: " + ", ".join(beside) if beside else None
     return [
         ("experts", f"{o['tier']} tier, {o['policy']} policy; {slots} a {format_bytes(o['budget'])} budget"),
         ("", devices),
-        ("", "beside the budget: " + ", ".join(beside) if beside else None),
+        ("engine", engine),
     ]
 
 

@@ -97,7 +97,7 @@ def test_summary_golden_disk_tier():
         "speed        prompt 100.0 tok/s (50 tokens), generation 12.5 tok/s (50 tokens)\n"
         "experts      disk tier, lru policy; 40 slots (80.00 MiB) + 16 low-precision (16.00 MiB) of a 96.00 MiB "
         "budget\n"
-        "             beside the budget: 16.00 MiB read buffers, 1.00 MiB routing ids\n"
+        "engine       17.00 MiB beside the budget: expert ids 1.00 MiB, read buffers 16.00 MiB\n"
         "hit rate     45.0% of 200 lookups; 70 loads, 60 evictions\n"
         "moved        3.00 MiB per token over 100 tokens (300.00 MiB); waited 750 ms for loads, 7.5 ms per token\n"
         "computed     72% of pairs from slots, 28% from the model file; 10% in low precision (3 upgraded to high)\n"
@@ -113,7 +113,8 @@ def test_summary_golden_slots_on_devices():
     assert text == (
         "experts      host tier, lru policy; 40 slots in 80.00 MiB of a 96.00 MiB budget\n"
         "             slots on CUDA0 64.00 MiB, RPC0[10.0.0.2:50052] 16.00 MiB\n"
-        "             beside the budget: 16.00 MiB read buffers, 1.00 MiB routing ids, 1.50 MiB router copies\n"
+        "engine       18.50 MiB beside the budget: expert ids 1.00 MiB, read buffers 16.00 MiB, router copies "
+        "1.50 MiB\n"
         "hit rate     50.0% of 200 lookups; 0 loads, 16 evictions\n"
         "moved        2.00 MiB per token over 50 tokens (100.00 MiB); never waited for a load\n"
         "computed     50% of pairs from slots, 50% on the CPU\n"
@@ -182,7 +183,7 @@ def test_summary_of_a_real_run_fits_a_screen(demo_gguf):
     lines = text.splitlines()
     assert len(lines) <= 12 and max(map(len, lines)) <= 120, text
     assert [line.split()[0] for line in lines if not line.startswith(" ")] == [
-        "speed", "experts", "hit", "moved", "computed", "prefetch", "calibration",
+        "speed", "experts", "engine", "hit", "moved", "computed", "prefetch", "calibration",
     ]  # fmt: skip
     assert f"{s['offload']['hit_rate']:.1%} of {stats.lookups(s['offload']):,} lookups" in text
     assert f"({s['prompt_tokens']} tokens)" in text and f"({s['generated_tokens']} tokens)" in text
