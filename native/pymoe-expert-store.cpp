@@ -15,7 +15,14 @@ namespace pymoe {
 namespace {
 
 constexpr uint64_t k_chunk = 8ull << 20;      // one read request; bounds the bounce buffers
-constexpr uint64_t k_release_margin = 128 << 10;  // > the kernel's fault-around window (64 KiB by default)
+// The page cache of the file around a released expert that is dropped with it:
+// more than the kernel's fault-around window (64 KiB by default).
+constexpr uint64_t k_release_margin = 128 << 10;
+// Our page-table entries around it that are dropped: a fault maps the whole
+// large folio it hits (Linux >= 6.16 on ext4, earlier on xfs/btrfs; up to PMD
+// size, 2 MiB), so an expert's read also maps its neighbours' pages. Unmapping
+// a neighbour in use costs a minor fault; leaving it mapped keeps it resident.
+constexpr uint64_t k_unmap_margin = 2ull << 20;
 
 const char * k_proj_names[PROJ_COUNT] = { "gate", "up", "down", "gate_up" };
 
@@ -288,15 +295,15 @@ void expert_store::release(int32_t il, int32_t e) const {
     const uint64_t page   = page_size();
     const uint64_t margin = k_release_margin;
     for (const auto & p : l->projs) {
-        // Outward by the kernel's fault-around window (a fault maps neighbouring
-        // cached pages too); a neighbour in use just faults its pages in again.
+        // Outward by the kernel's fault-around window or folio (a fault maps
+        // neighbouring cached pages too); a neighbour in use just faults them in again.
         const uint64_t lo = (uint64_t) e * p.expert_bytes;  // the expert within its tensor
         const uint64_t hi = lo + p.expert_bytes;
         if (p.host) {
             // our page table entries first (the page cache keeps pages that are mapped),
             // within the tensor; the platform layer widens the range to whole pages
-            const uint64_t a = lo > margin ? lo - margin : 0;
-            const uint64_t b = std::min(p.expert_bytes * (uint64_t) n_expert_, hi + margin);
+            const uint64_t a = lo > k_unmap_margin ? lo - k_unmap_margin : 0;
+            const uint64_t b = std::min(p.expert_bytes * (uint64_t) n_expert_, hi + k_unmap_margin);
             mapping_release(p.host + a, b - a);
         }
         const uint64_t off  = p.file_offset + lo;
