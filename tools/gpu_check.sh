@@ -5,7 +5,8 @@
 #
 #   build  pymoe built with CUDA into .venv-gpu (one architecture), timed
 #   ops    ggml's test-backend-ops for the skipped-id cases of patch 0001
-#          (MUL_MAT_ID and ADD_ID with negative ids) on CUDA against the CPU
+#          (MUL_MAT_ID and ADD_ID with negative ids) on CUDA against the CPU;
+#          also builds the bench stage's llama-bench from the same source
 #   exact  tools/gpu_exact.py: logits with the engine on vs off, every layer on
 #          the GPU, budgets 0 / 0.3 / 1.0, LRU / multidim / prefetching
 #   sync   tools/sync_cost.py: the per-layer sync point's cost on CUDA
@@ -66,8 +67,10 @@ py="$root/.venv-gpu/bin/python"
 if has ops; then
     t0=$(now)
     cmake -S third_party/llama.cpp -B build/gpu-ops -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" \
-        -DLLAMA_BUILD_TESTS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release > "$out/ops-build.log" 2>&1
-    cmake --build build/gpu-ops --target test-backend-ops -j "$(nproc)" >> "$out/ops-build.log" 2>&1
+        -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release \
+        > "$out/ops-build.log" 2>&1
+    # llama-bench too: the bench stage's baseline (tools/gpu_bench.py --llama-bench)
+    cmake --build build/gpu-ops --target test-backend-ops llama-bench -j "$(nproc)" >> "$out/ops-build.log" 2>&1
     ops_rc=0
     for op in MUL_MAT_ID ADD_ID; do
         build/gpu-ops/bin/test-backend-ops test -b CUDA0 -o "$op" -p skip >> "$out/ops.log" 2>&1 || ops_rc=$?
