@@ -270,26 +270,55 @@ PYBIND11_MODULE(_core, mod) {
 
     // --- the engine's pure parts, for tests and the trace simulator
     mod.def("policy_names", &pymoe::eviction_policy_names);
+    // a slot_view from (layer, expert, last_use, uses, profile, hi_uses[, recent[, next_use[, p_next]]])
+    auto to_view = [](const py::sequence & x) {
+        if (x.size() < 6 || x.size() > 9) {
+            throw std::invalid_argument(
+                "a slot is (layer, expert, last_use, uses, profile, hi_uses[, recent[, next_use[, p_next]]])");
+        }
+        pymoe::slot_view v{ x[0].cast<int32_t>(),  x[1].cast<int32_t>(), x[2].cast<uint64_t>(),
+                            x[3].cast<uint64_t>(), x[4].cast<double>(),  x[5].cast<uint64_t>() };
+        if (x.size() > 6) {
+            v.recent = x[6].cast<double>();
+        }
+        if (x.size() > 7 && !x[7].is_none()) {
+            v.next_use = x[7].cast<uint64_t>();
+        }
+        if (x.size() > 8) {
+            v.p_next = x[8].cast<double>();
+        }
+        return v;
+    };
     mod.def(
         "policy_pick_victim",
-        [](const std::string & name,
-           const std::vector<std::tuple<int32_t, int32_t, uint64_t, uint64_t, double, uint64_t>> & slots,
-           const std::tuple<double, double, double> & weights) {
+        [to_view](const std::string & name, const std::vector<py::sequence> & slots,
+                  const std::tuple<double, double, double> & weights) {
             if (slots.empty()) {
                 throw std::invalid_argument("policy_pick_victim: no candidates");
             }
             std::vector<pymoe::slot_view> v;
-            for (const auto & [layer, expert, last_use, uses, profile, hi_uses] : slots) {
-                v.push_back({ layer, expert, last_use, uses, profile, hi_uses });
+            for (const auto & x : slots) {
+                v.push_back(to_view(x));
             }
             const auto [wr, wf, wp] = weights;
             return pymoe::make_eviction_policy(name, { wr, wf, wp })->pick_victim(v.data(), v.size());
         },
         py::arg("policy"), py::arg("slots"), py::arg("weights") = std::make_tuple(1.0, 1.0, 1.0),
-        "Index of the slot the policy evicts; slots = [(layer, expert, last_use, uses, profile, hi_uses)].");
+        "Index of the slot the policy evicts; slots = [(layer, expert, last_use, uses, profile, hi_uses[, recent"
+        "[, next_use (None: never)[, p_next]]])].");
+    mod.def(
+        "policy_admit",
+        [to_view](const std::string & name, const py::sequence & newcomer, const py::sequence & victim) {
+            return pymoe::make_eviction_policy(name)->admit(to_view(newcomer), to_view(victim));
+        },
+        py::arg("policy"), py::arg("newcomer"), py::arg("victim"),
+        "Background admission: whether the newcomer is worth the victim's slot (slots as policy_pick_victim's).");
     mod.def(
         "policy_admits_on_miss", [](const std::string & name) { return pymoe::make_eviction_policy(name)->admits_on_miss(); },
         py::arg("policy"));
+    mod.def(
+        "policy_needs_future", [](const std::string & name) { return pymoe::make_eviction_policy(name)->needs_future(); },
+        py::arg("policy"), "An offline policy: it reads the trace's future (pymoe simulate only).");
     mod.def(
         "plan_layer",
         [](const std::vector<std::tuple<int32_t, int32_t, float, bool, bool>> & experts, int32_t capacity, bool admit,
@@ -366,13 +395,30 @@ PYBIND11_MODULE(_core, mod) {
         py::arg("path"), py::arg("budget"), py::arg("per_layer") = true,
         "How `budget` bytes would split over the model's slot pools.");
 
+    py::class_<pymoe::routing_model>(mod, "RoutingModel",
+                                     "The markov policy's predictor of a layer's next step (pymoe-policy.h).")
+        .def(py::init<int32_t, int32_t, double, double>(), py::arg("n_layer"), py::arg("n_expert"),
+             py::arg("half_life") = 32.0, py::arg("prior") = 4.0)
+        .def(
+            "observe",
+            [](pymoe::routing_model & self, int32_t layer, const std::vector<int32_t> & experts,
+               const std::vector<float> & weights) {
+                if (experts.size() != weights.size()) {
+                    throw std::invalid_argument("observe: one weight per expert");
+                }
+                self.observe(layer, experts.data(), weights.data(), (int64_t) experts.size());
+            },
+            py::arg("layer"), py::arg("experts"), py::arg("weights"))
+        .def("p_next", &pymoe::routing_model::p_next, py::arg("layer"), py::arg("expert"));
+
     py::class_<pymoe::cache_simulator>(mod, "CacheSimulator",
                                        "Replays routing decisions through the engine's cache, policies and planner.")
         .def(py::init([](int32_t n_layer, int32_t n_expert, uint64_t expert_bytes, uint64_t expert_bytes_lo,
                          uint64_t budget, double lo_share, float lo_threshold, const std::string & policy,
                          const std::tuple<double, double, double> & weights, bool per_layer, bool assist,
                          double link_bw, double direct_bw, double fast_flops, double slow_flops, double reuse,
-                         double flops_per_token, double layer_seconds, bool admission) {
+                         double flops_per_token, double layer_seconds, bool admission, bool prefetch,
+                         double horizon_scale) {
                  pymoe::sim_params p;
                  p.n_layer         = n_layer;
                  p.n_expert        = n_expert;
@@ -389,6 +435,8 @@ PYBIND11_MODULE(_core, mod) {
                  p.flops_per_token = flops_per_token;
                  p.layer_seconds   = layer_seconds;
                  p.admission       = admission;
+                 p.prefetch        = prefetch;
+                 p.horizon_scale   = horizon_scale;
                  return std::make_unique<pymoe::cache_simulator>(p);
              }),
              py::arg("n_layer"), py::arg("n_expert"), py::arg("expert_bytes"), py::arg("expert_bytes_lo") = 0,
@@ -397,27 +445,39 @@ PYBIND11_MODULE(_core, mod) {
              py::arg("per_layer") = true, py::arg("assist") = true, py::arg("link_bw") = 0.0,
              py::arg("direct_bw") = 0.0, py::arg("fast_flops") = 0.0, py::arg("slow_flops") = 0.0,
              py::arg("reuse") = 1.0, py::arg("flops_per_token") = 0.0, py::arg("layer_seconds") = 0.0,
-             py::arg("admission") = true)
+             py::arg("admission") = true, py::arg("prefetch") = true, py::arg("horizon_scale") = 1.0)
         .def(
             "run",
-            [](pymoe::cache_simulator & self, const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & ids,
-               const f32_array & weights) {
-                // ids, weights: [n_tokens, n_layer, k], one decode token at a time
+            [](pymoe::cache_simulator & self, const i32_array & ids, const f32_array & weights,
+               std::optional<std::vector<int64_t>> ubatches, std::optional<i32_array> guesses) {
+                // ids, weights: [n_tokens, n_layer, k]; ubatches: tokens per step (default one each);
+                // guesses: [n, 4] (token, layer, target layer, expert)
                 if (ids.ndim() != 3 || weights.ndim() != 3 || ids.shape(0) != weights.shape(0) ||
                     ids.shape(1) != weights.shape(1) || ids.shape(2) != weights.shape(2)) {
                     throw std::invalid_argument("run: ids and weights must both be [n_tokens, n_layer, k]");
                 }
-                const int64_t n_tok = ids.shape(0), n_layer = ids.shape(1), k = ids.shape(2);
-                py::gil_scoped_release release;
-                for (int64_t t = 0; t < n_tok; ++t) {
-                    for (int64_t il = 0; il < n_layer; ++il) {
-                        const int64_t off = (t * n_layer + il) * k;
-                        self.step((int32_t) il, ids.data() + off, weights.data() + off, 1, k);
-                    }
-                    self.end_token();
+                pymoe::sim_trace tr;
+                tr.experts  = ids.data();
+                tr.weights  = weights.data();
+                tr.n_tokens = ids.shape(0);
+                tr.n_layer  = ids.shape(1);
+                tr.k        = ids.shape(2);
+                if (ubatches) {
+                    tr.ubatches = *ubatches;
                 }
+                if (guesses && guesses->size() > 0) {
+                    if (guesses->ndim() != 2 || guesses->shape(1) != 4) {
+                        throw std::invalid_argument("run: guesses must be [n, 4] (token, layer, target, expert)");
+                    }
+                    const int32_t * g = guesses->data();
+                    for (py::ssize_t i = 0; i < guesses->shape(0); ++i, g += 4) {
+                        tr.guesses.push_back({ g[0], g[1], g[2], g[3] });
+                    }
+                }
+                py::gil_scoped_release release;
+                self.run(tr);
             },
-            py::arg("ids"), py::arg("weights"))
+            py::arg("ids"), py::arg("weights"), py::arg("ubatches") = py::none(), py::arg("guesses") = py::none())
         .def("result", [](const pymoe::cache_simulator & self) {
             const pymoe::sim_result & r = self.result();
             return py::dict(py::arg("tokens") = r.tokens, py::arg("steps") = r.steps, py::arg("pairs") = r.pairs,
@@ -428,7 +488,10 @@ PYBIND11_MODULE(_core, mod) {
                             py::arg("seconds") = r.seconds, py::arg("n_slots") = r.n_slots,
                             py::arg("n_slots_lo") = r.n_slots_lo, py::arg("admissions") = r.admissions,
                             py::arg("bytes_admitted") = r.bytes_admitted,
-                            py::arg("link_busy_seconds") = r.link_busy_seconds);
+                            py::arg("link_busy_seconds") = r.link_busy_seconds,
+                            py::arg("prefetch_loads") = r.prefetch_loads, py::arg("prefetch_bytes") = r.prefetch_bytes,
+                            py::arg("prefetch_hits") = r.prefetch_hits,
+                            py::arg("prefetch_wait_seconds") = r.prefetch_wait_seconds);
         });
 
     // --- settings: the C++ structs, bound once; their defaults are the only ones (pymoe.Settings reads them)
@@ -454,7 +517,8 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("prefetch_max_tokens", &pymoe::offload_params::prefetch_max_tokens)
         .def_readwrite("admission", &pymoe::offload_params::admission)
         .def_readwrite("replay", &pymoe::offload_params::replay)
-        .def_readwrite("replay_weights", &pymoe::offload_params::replay_weights);
+        .def_readwrite("replay_weights", &pymoe::offload_params::replay_weights)
+        .def_readwrite("record_path", &pymoe::offload_params::record_path);
     py::class_<pymoe::model_params>(mod, "ModelParams", "How a model is loaded (pymoe.h).")
         .def(py::init<>())
         .def_readwrite("path", &pymoe::model_params::path)

@@ -74,6 +74,9 @@ expert_cache::expert_cache(const std::vector<expert_layer> & layers, int32_t n_e
         throw std::invalid_argument("the static policy needs a usage profile; hint: record one with a run under "
                                     "lru (Model.stats()['expert_pairs']) and pass it as profile");
     }
+    if (policy_->wants_prediction()) {
+        model_ = std::make_unique<routing_model>(n_layer, n_expert_);
+    }
     class_of_.assign((size_t) n_layer, -1);
     slot_of_.assign((size_t) n_layer * (size_t) n_expert_, -1);
     uses_.assign(slot_of_.size(), 0);
@@ -233,6 +236,9 @@ int32_t expert_cache::candidate_slot(int32_t il, uint64_t step, int32_t * victim
             return s;
         }
     }
+    if (policy_->needs_future() && !future_) {
+        throw std::logic_error(std::string("the ") + policy_->name() + " policy needs the future of the trace");
+    }
     std::vector<slot_view> cands;
     std::vector<int32_t>   cand_slot;
     cands.reserve((size_t) pc.n_slots);
@@ -240,8 +246,7 @@ int32_t expert_cache::candidate_slot(int32_t il, uint64_t step, int32_t * victim
         if (pc.pinned_step[s] == step || pc.pinned_step[s] == k_pinned) {
             continue;
         }
-        const size_t i = index(pc.owner_layer[s], pc.owner_expert[s]);
-        cands.push_back({ pc.owner_layer[s], pc.owner_expert[s], pc.last_use[s], uses_[i], profile_[i], hi_uses_[i] });
+        cands.push_back(view(pc.owner_layer[s], pc.owner_expert[s], step));
         cand_slot.push_back(s);
     }
     if (cands.empty()) {
@@ -251,6 +256,23 @@ int32_t expert_cache::candidate_slot(int32_t il, uint64_t step, int32_t * victim
     *victim_layer      = pc.owner_layer[slot];
     *victim_expert     = pc.owner_expert[slot];
     return slot;
+}
+
+slot_view expert_cache::view(int32_t il, int32_t e, uint64_t step) const {
+    const size_t i = index(il, e);
+    slot_view    v{ il, e, step, uses_[i], profile_[i], hi_uses_[i] };
+    const int32_t s = slot_of_[i];
+    if (s >= 0) {
+        v.last_use = classes_[class_of_[il]].last_use[s];
+    }
+    v.recent   = recent(il, e, step);
+    v.next_use = future_ ? future_->next_use(il, e, step) : k_no_next_use;
+    v.p_next   = model_ ? model_->p_next(il, e) : 0.0;
+    return v;
+}
+
+bool expert_cache::admits(int32_t il, int32_t e, int32_t victim_layer, int32_t victim_expert, uint64_t step) const {
+    return policy_->admit(view(il, e, step), view(victim_layer, victim_expert, step));
 }
 
 int32_t expert_cache::assign(int32_t il, int32_t e, uint64_t step, bool * evicted, bool ready) {

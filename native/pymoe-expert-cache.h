@@ -19,6 +19,15 @@
 
 namespace pymoe {
 
+// When (il, e) is used next after `step` (a step number of the run that is
+// being replayed), or k_no_next_use. Only an offline simulation, which has the
+// whole trace, has one; an offline policy ("belady") reads it through slot_view.
+class next_use_oracle {
+  public:
+    virtual ~next_use_oracle() = default;
+    virtual uint64_t next_use(int32_t il, int32_t e, uint64_t step) const = 0;
+};
+
 struct pool_class {
     std::vector<int32_t> layers;                        // the layers that share this pool
     ggml_backend_buffer_type_t buft = nullptr;          // where its slots live (the device its layers run on)
@@ -79,6 +88,22 @@ class expert_cache {
     double recent(int32_t il, int32_t e, uint64_t step) const;
     void   set_half_life(double steps) { half_life_ = steps; }
 
+    // The future, for an offline policy (the simulator's; null: none). The
+    // oracle must outlive the cache's use of it.
+    void set_future(const next_use_oracle * future) { future_ = future; }
+    // Layer il's step chose these pairs (expert ids, weights relative to each
+    // token's top-k sum): what a predicting policy learns from (routing_model).
+    void observe(int32_t il, const int32_t * experts, const float * weights, int64_t n_pairs) {
+        if (model_) {
+            model_->observe(il, experts, weights, n_pairs);
+        }
+    }
+    // What the policy sees of (il, e) at `step`, cached or not.
+    slot_view view(int32_t il, int32_t e, uint64_t step) const;
+    // Background admission: whether the policy would give (il, e) the slot of
+    // (victim_layer, victim_expert) (eviction_policy::admit).
+    bool admits(int32_t il, int32_t e, int32_t victim_layer, int32_t victim_expert, uint64_t step) const;
+
     // Frees the slot of (il, e), if it has one (a low-precision copy upgraded to high).
     void release(int32_t il, int32_t e);
 
@@ -123,6 +148,8 @@ class expert_cache {
     std::vector<double>              recent_;    // [n_layer * n_expert] decayed pairs, as of recent_step_
     std::vector<uint64_t>            recent_step_;
     double                           half_life_ = 0.0;
+    const next_use_oracle *          future_    = nullptr;
+    std::unique_ptr<routing_model>   model_;  // when the policy wants predictions
     std::vector<ggml_context_ptr>        ctx_;  // one per buffer type
     std::vector<ggml_backend_buffer_ptr> buf_;
     uint64_t                             planned_bytes_ = 0;

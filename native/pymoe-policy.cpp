@@ -2,6 +2,7 @@
 #include "pymoe-policy.h"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 namespace pymoe {
@@ -77,6 +78,58 @@ class policy_multidim : public eviction_policy {
     multidim_weights w_;
 };
 
+class policy_lrfu : public eviction_policy {
+  public:
+    const char * name() const override { return "lrfu"; }
+
+    size_t pick_victim(const slot_view * c, size_t n) const override {
+        return argmin(c, n, [](const slot_view & a, const slot_view & b) {
+            return a.recent != b.recent ? a.recent < b.recent : a.last_use < b.last_use;
+        });
+    }
+};
+
+class policy_markov : public eviction_policy {
+  public:
+    const char * name() const override { return "markov"; }
+
+    size_t pick_victim(const slot_view * c, size_t n) const override {
+        return argmin(c, n, [](const slot_view & a, const slot_view & b) {
+            if (a.p_next != b.p_next) {
+                return a.p_next < b.p_next;
+            }
+            return a.recent != b.recent ? a.recent < b.recent : a.last_use < b.last_use;
+        });
+    }
+
+    // background admission: the newcomer must be the likelier at the next step and
+    // the more used lately (p_next alone admitted too much on the fine-grained
+    // traces, where the link is the limit: docs/simulate.md)
+    bool admit(const slot_view & newcomer, const slot_view & victim) const override {
+        return newcomer.p_next > victim.p_next && newcomer.recent > victim.recent;
+    }
+
+    bool wants_prediction() const override { return true; }
+};
+
+class policy_belady : public eviction_policy {
+  public:
+    const char * name() const override { return "belady"; }
+
+    // the farthest next use goes first (an expert never used again before any)
+    size_t pick_victim(const slot_view * c, size_t n) const override {
+        return argmin(c, n, [](const slot_view & a, const slot_view & b) {
+            return a.next_use != b.next_use ? a.next_use > b.next_use : a.last_use < b.last_use;
+        });
+    }
+
+    bool admit(const slot_view & newcomer, const slot_view & victim) const override {
+        return newcomer.next_use < victim.next_use;
+    }
+
+    bool needs_future() const override { return true; }
+};
+
 class policy_static : public eviction_policy {
   public:
     const char * name() const override { return "static"; }
@@ -93,6 +146,131 @@ class policy_static : public eviction_policy {
 
 }  // namespace
 
+routing_model::routing_model(int32_t n_layer, int32_t n_expert, double half_life, double prior)
+    : n_expert_(n_expert),
+      decay_(std::exp2(-1.0 / half_life)),
+      prior_(prior),
+      layers_((size_t) n_layer),
+      sum_((size_t) n_expert, 0.0f) {
+    const size_t n = (size_t) n_expert;
+    for (auto & l : layers_) {
+        l.freq.assign(n, 0.0f);
+        for (transitions * t : { &l.same, &l.cross }) {
+            t->to.assign(n * n, 0.0f);
+            t->from.assign(n, 0.0f);
+            t->stamp.assign(n, 0);
+        }
+    }
+}
+
+void routing_model::learn(transitions & t, const weighted_set & from, const weighted_set & to, uint64_t now) const {
+    const size_t n = (size_t) n_expert_;
+    for (size_t i = 0; i < from.experts.size(); ++i) {
+        const size_t a   = (size_t) from.experts[i];
+        float *      row = t.to.data() + a * n;
+        const float  f   = (float) std::pow(decay_, (double) (now - t.stamp[a]));
+        for (size_t e = 0; e < n; ++e) {
+            row[e] *= f;
+        }
+        t.from[a]  = t.from[a] * f + from.weights[i];
+        t.stamp[a] = now;
+        for (int32_t e : to.experts) {
+            row[e] += from.weights[i];
+        }
+    }
+}
+
+void routing_model::predict(const transitions & t, const weighted_set & from, const std::vector<double> & base,
+                            uint64_t now, std::vector<double> & p) const {
+    // P(e next | from) = sum over the experts a of `from`, by weight, of the decayed
+    // share of a's steps that e followed, with `prior_` steps at the base rate
+    const size_t n = (size_t) n_expert_;
+    p.assign(n, 0.0);
+    for (size_t i = 0; i < from.experts.size(); ++i) {
+        const size_t  a   = (size_t) from.experts[i];
+        const double  f   = std::pow(decay_, (double) (now - t.stamp[a]));
+        const double  den = f * t.from[a] + prior_;
+        const float * row = t.to.data() + a * n;
+        for (size_t e = 0; e < n; ++e) {
+            p[e] += from.weights[i] * (f * row[e] + prior_ * base[e]) / den;
+        }
+    }
+}
+
+void routing_model::observe(int32_t il, const int32_t * experts, const float * weights, int64_t n_pairs) {
+    if (il < 0 || il >= (int32_t) layers_.size()) {
+        return;
+    }
+    // the step's distinct experts, their weights summing to 1
+    scratch_.experts.clear();
+    scratch_.weights.clear();
+    double total = 0.0;
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        const int32_t e = experts[p];
+        if (e < 0 || e >= n_expert_) {
+            continue;
+        }
+        if (sum_[(size_t) e] == 0.0f) {
+            scratch_.experts.push_back(e);
+        }
+        const float w = std::max(weights[p], 1e-6f);
+        sum_[(size_t) e] += w;
+        total += w;
+    }
+    for (int32_t e : scratch_.experts) {
+        scratch_.weights.push_back((float) (sum_[(size_t) e] / total));
+        sum_[(size_t) e] = 0.0f;
+    }
+    layer_state &  l   = layers_[(size_t) il];
+    const uint64_t now = ++l.steps;
+    if (!l.last.experts.empty()) {
+        learn(l.same, l.last, scratch_, now);
+    }
+    if (!l.before_last.experts.empty()) {
+        learn(l.cross, l.before_last, scratch_, now);
+    }
+    for (float & f : l.freq) {
+        f *= (float) decay_;
+    }
+    for (int32_t e : scratch_.experts) {
+        l.freq[(size_t) e] += 1.0f;
+    }
+    l.freq_steps = l.freq_steps * (float) decay_ + 1.0f;
+    // the layer observed just before, in the same ubatch (a lower layer), is the token's layer before
+    const bool before = last_layer_ >= 0 && last_layer_ < il;
+    l.before_last     = before ? layers_[(size_t) last_layer_].last : weighted_set{};
+    l.last            = scratch_;
+    l.p_valid         = false;
+    last_layer_       = il;
+}
+
+double routing_model::p_next(int32_t il, int32_t e) const {
+    if (il < 0 || il >= (int32_t) layers_.size() || e < 0 || e >= n_expert_) {
+        return 0.0;
+    }
+    layer_state & l = layers_[(size_t) il];
+    if (!l.p_valid) {  // once per layer and step: an eviction asks for every candidate
+        const size_t n = (size_t) n_expert_;
+        base_.resize(n);
+        for (size_t x = 0; x < n; ++x) {
+            base_[x] = std::max(1e-3, l.freq_steps > 0 ? l.freq[x] / l.freq_steps : 0.0);
+        }
+        l.p_next.assign(base_.begin(), base_.end());
+        // naive Bayes: each source's evidence as its ratio to the base rate
+        for (const auto & [t, from, p] : { std::tie(l.same, l.last, p_same_), std::tie(l.cross, l.before_last, p_cross_) }) {
+            if (from.experts.empty()) {
+                continue;
+            }
+            predict(t, from, base_, l.steps, p);
+            for (size_t x = 0; x < n; ++x) {
+                l.p_next[x] = (float) (l.p_next[x] * p[x] / base_[x]);
+            }
+        }
+        l.p_valid = true;
+    }
+    return l.p_next[(size_t) e];
+}
+
 std::unique_ptr<eviction_policy> make_eviction_policy(const std::string & name, const multidim_weights & w) {
     if (name == "lru") {
         return std::make_unique<policy_lru>();
@@ -106,11 +284,21 @@ std::unique_ptr<eviction_policy> make_eviction_policy(const std::string & name, 
     if (name == "multidim") {
         return std::make_unique<policy_multidim>(w);
     }
-    throw std::invalid_argument("unknown cache policy '" + name + "'; hint: use lru, lfu, multidim or static");
+    if (name == "lrfu") {
+        return std::make_unique<policy_lrfu>();
+    }
+    if (name == "markov") {
+        return std::make_unique<policy_markov>();
+    }
+    if (name == "belady") {
+        return std::make_unique<policy_belady>();
+    }
+    throw std::invalid_argument("unknown cache policy '" + name +
+                                "'; hint: use lru, lfu, lrfu, markov, multidim or static (belady: pymoe simulate only)");
 }
 
 std::vector<std::string> eviction_policy_names() {
-    return { "lru", "lfu", "multidim", "static" };
+    return { "lru", "lfu", "lrfu", "markov", "multidim", "static", "belady" };
 }
 
 }  // namespace pymoe

@@ -1,7 +1,8 @@
 // Eviction policies: which cached expert gives up its slot.
 //
 // A policy is a pure function of the candidates' bookkeeping; the cache owns
-// that bookkeeping and asks the policy only when a slot must be freed.
+// that bookkeeping and asks the policy only when a slot must be freed (and,
+// for background admission, whether a newcomer is worth a victim's slot).
 #pragma once
 
 #include <cstddef>
@@ -12,6 +13,8 @@
 
 namespace pymoe {
 
+constexpr uint64_t k_no_next_use = UINT64_MAX;
+
 // what the cache knows about one occupied, evictable slot
 struct slot_view {
     int32_t  layer;
@@ -20,6 +23,13 @@ struct slot_view {
     uint64_t uses;     // pairs routed to this expert since load
     double   profile;  // its weight in a recorded usage profile (0 when none)
     uint64_t hi_uses = 0; // of those, pairs that wanted high precision (gate weight at or above the threshold)
+    double   recent  = 0; // pairs routed to it, each weighing half as much every half-life (expert_cache::recent)
+    // the step of its next use, known only to an offline simulation (next_use_oracle);
+    // k_no_next_use when it is not used again or nobody knows
+    uint64_t next_use = k_no_next_use;
+    // the probability that its layer's next step uses it, as the cache's
+    // routing_model predicts it from the past (0 when the policy wants none)
+    double   p_next   = 0;
 };
 
 // weights of the multidimensional policy's score (HOBBIT: recency, frequency, precision)
@@ -41,6 +51,73 @@ class eviction_policy {
     // Whether a missed expert may take a slot at all; a static hot set keeps
     // its slots and serves the other experts from where they live.
     virtual bool admits_on_miss() const { return true; }
+
+    // Background admission: whether `newcomer` (just used, computed where it
+    // lives) is worth the slot of `victim` (this policy's pick). By default when
+    // it was used more recently-and-often (a one-off does not thrash the cache).
+    virtual bool admit(const slot_view & newcomer, const slot_view & victim) const {
+        return newcomer.recent > victim.recent;
+    }
+
+    // An offline policy reads slot_view::next_use: only a simulation that
+    // knows the whole trace can run it (the engine refuses it).
+    virtual bool needs_future() const { return false; }
+
+    // The policy reads slot_view::p_next: the cache keeps a routing_model for it.
+    virtual bool wants_prediction() const { return false; }
+};
+
+// What the past says about a layer's next step, for the "markov" policy: a
+// first-order model of the routing. Decayed counts of which experts followed
+// which, (a) at one layer from one step to its next and (b) from the layer
+// before (the same token) to this layer's next step, each weighted by the gate
+// weights of the experts they start from; each smoothed towards the layer's
+// decayed frequency, and the two combined as independent evidence (naive Bayes).
+// Counts halve every `half_life` steps of their layer. Memory: two float tables
+// of n_expert^2 per layer (Mixtral: 32 x 2 x 64; 256 experts: 512 KiB a layer).
+class routing_model {
+  public:
+    routing_model(int32_t n_layer, int32_t n_expert, double half_life = 32.0, double prior = 4.0);
+
+    // Layer il's step chose these pairs: expert ids and their weights relative to
+    // each token's top-k sum (as the planner weighs them).
+    void observe(int32_t il, const int32_t * experts, const float * weights, int64_t n_pairs);
+    // The probability that layer il's next step uses expert e.
+    double p_next(int32_t il, int32_t e) const;
+
+  private:
+    struct weighted_set {
+        std::vector<int32_t> experts;  // distinct
+        std::vector<float>   weights;  // summing to 1
+    };
+    struct transitions {
+        std::vector<float>    to;     // [from * n_expert + to] decayed weight of `from` followed by `to`
+        std::vector<float>    from;   // [from] decayed weight of `from` being followed at all
+        std::vector<uint64_t> stamp;  // [from] the layer step its row was last decayed to
+    };
+    struct layer_state {
+        uint64_t           steps = 0;
+        std::vector<float> freq;           // [n_expert] decayed steps that used each expert
+        float              freq_steps = 0; // decayed steps
+        weighted_set       last;           // the layer's last step
+        weighted_set       before_last;    // the layer before it, at that step (the same token)
+        transitions        same, cross;    // last -> next step; before_last -> next step
+        std::vector<float> p_next;         // [n_expert] the predictions, computed at the first ask after a step
+        bool               p_valid = false;
+    };
+
+    void   learn(transitions & t, const weighted_set & from, const weighted_set & to, uint64_t now) const;
+    void   predict(const transitions & t, const weighted_set & from, const std::vector<double> & base, uint64_t now,
+                   std::vector<double> & p) const;
+
+    int32_t                  n_expert_;
+    double                   decay_;  // per layer step
+    double                   prior_;
+    mutable std::vector<layer_state> layers_;  // (the predictions are cached on the first ask)
+    int32_t                  last_layer_ = -1;  // the layer observed last
+    weighted_set             scratch_;
+    std::vector<float>       sum_;  // [n_expert] scratch
+    mutable std::vector<double> base_, p_same_, p_cross_;  // [n_expert] scratch
 };
 
 // "lru": least recently used. "lfu": least frequently used, ties by recency.
@@ -49,9 +126,21 @@ class eviction_policy {
 //   each normalised over the candidates to [0, 1] (recency: last use scaled
 //   between the oldest and the newest candidate; frequency: uses / most uses;
 //   precision: the share of uses that wanted high precision).
+// "lrfu": the smallest decayed frequency (`recent`: pairs over a window that
+//   halves every ~32 tokens), ties by recency: LRU's recency and LFU's
+//   frequency in one score (Lee et al.'s LRFU), measured best of the online
+//   policies on the real traces (docs/simulate.md).
+// "markov": the smallest p_next (routing_model), ties by `recent`, then by
+//   recency: the expert least likely to be used at its layer's next step, as
+//   this token's experts at that layer and at the layer before predict it.
+//   Admits a newcomer that is both likelier next and more used lately.
+// "belady": the farthest next use (never used again first), ties by recency:
+//   the optimal offline choice, an upper bound for the simulator only
+//   (needs_future); admits a newcomer whose next use comes before the victim's.
 // Throws std::invalid_argument for another name.
 std::unique_ptr<eviction_policy> make_eviction_policy(const std::string & name, const multidim_weights & w = {});
 
+// every policy, offline ones included
 std::vector<std::string> eviction_policy_names();
 
 }  // namespace pymoe

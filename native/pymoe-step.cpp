@@ -41,6 +41,11 @@ const step_plan & step_planner::plan(int32_t il, const int32_t * experts, const 
         hi_pairs_[(size_t) e] += weights[p] >= thr;
     }
 
+    hi.observe(il, experts, weights, n_tokens * n_used);  // a predicting policy learns the routing
+    if (lo) {
+        lo->observe(il, experts, weights, n_tokens * n_used);
+    }
+
     // what the caches hold (a slot still being filled is no hit), and the uses
     int32_t hits = 0, hits_lo = 0;
     for (auto & x : plan_.experts) {
@@ -123,8 +128,8 @@ const step_plan & step_planner::plan(int32_t il, const int32_t * experts, const 
             if (hi.candidate_slot(il, step, &vl, &ve) < 0) {
                 break;  // every slot is in use by this step or being filled
             }
-            if (vl >= 0 && hi.recent(il, e, step) <= hi.recent(vl, ve, step)) {
-                continue;  // not worth more than what it would replace: a one-off does not thrash the cache
+            if (vl >= 0 && !hi.admits(il, e, vl, ve, step)) {
+                continue;  // the policy says it is not worth what it would replace (a one-off does not thrash the cache)
             }
             bool          evicted = false;
             const int32_t slot    = hi.assign(il, e, step, &evicted, /*ready=*/false);

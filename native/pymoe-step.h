@@ -23,8 +23,9 @@ struct step_config {
     cost_model cost;                 // with the expected reuse
     // Background admission: bytes of experts the link may still take for this
     // step while the compute goes on (0: none). A directly computed miss is
-    // admitted into a free slot, or in place of the policy's victim when it was
-    // used more recently-and-often (decayed frequency) than that victim; its slot
+    // admitted into a free slot, or in place of the policy's victim when the
+    // policy admits it (eviction_policy::admit; by default when it was used more
+    // recently-and-often, decayed frequency, than that victim); its slot
     // becomes a hit only once the load has completed.
     uint64_t admit_bytes = 0;
 };

@@ -11,13 +11,14 @@
 //
 // The expert-offload engine (internal headers, included by the engine files only):
 //   pymoe-expert-store.*  where each expert's bytes live (file offsets, mapped host tensors) and reading them
-//   pymoe-policy.*        eviction policies: LRU, LFU, multidim, static hot set (pure functions)
+//   pymoe-policy.*        eviction policies: LRU, LFU, LRFU, multidim, static hot set, Belady (pure functions)
 //   pymoe-expert-cache.*  slot pools in the fast tier, the (layer, expert) -> slot map, a byte budget
 //   pymoe-planner.*       the per-layer plan: hit / load into a slot / run from the model's tensors (pure)
 //   pymoe-prefetch.*      predicting the next layers' experts, background loads, what predictions got right
 //   pymoe-engine.*        ties them together per MoE layer at the router's sync point; stats
 //   pymoe-hook.cpp        the llama_moe_hook that builds the expert branches (the only file with llama internals)
 //   pymoe-simulator.*     routing traces through the same cache, policies and planner, with a modelled link
+//   pymoe-recorder.*      recording a run's routing (and the predictor's guesses) for the simulator
 //
 // Errors are thrown as std::runtime_error / std::invalid_argument with a message
 // that names the object and ends with what the user can do ("hint: ...").
@@ -175,7 +176,8 @@ struct offload_params {
     //         flow with the slots in RAM.
     std::string         tier       = "disk";
     uint64_t            budget     = 0;      // bytes of fast memory for expert slots (all pools together)
-    std::string         policy     = "lru";  // eviction: "lru", "lfu", "multidim", "static" (hot set from `profile`)
+    std::string         policy     = "lru";  // eviction: "lru", "lfu", "lrfu", "multidim", "static" (hot set from
+                                             // `profile`); not "belady" (offline: pymoe simulate only)
     bool                per_layer  = true;   // a slot pool per layer (each keeps its share of the budget) or
                                              // one per format shared by the layers: with a shared pool and
                                              // fewer slots than one token's experts, LRU evicts what the
@@ -213,6 +215,10 @@ struct offload_params {
     // row-major; replayed in order, wrapping around.
     std::vector<int32_t> replay;
     std::vector<float>   replay_weights;  // the trace's gate weights, same shape (empty: the router's)
+    // Record the routing to this file (empty: no recording): per step and MoE
+    // layer the chosen experts, their gate weights and the prefetcher's guesses
+    // (pymoe-recorder.h; pymoe simulate replays it)
+    std::string          record_path;
 };
 
 // The engine's per-layer counters: one table (as ggml keeps its op names).

@@ -1,5 +1,6 @@
 """Type stub of the native extension (native/bindings.cpp)."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ class OffloadParams:
     admission: bool
     replay: list[int]
     replay_weights: list[float]
+    record_path: str
     def __init__(self) -> None: ...
 
 class ModelParams:
@@ -154,10 +156,12 @@ def dequantize(src: npt.ArrayLike, type: str, n_per_row: int, n_threads: int = 0
 def policy_names() -> list[str]: ...
 def policy_pick_victim(
     policy: str,
-    slots: list[tuple[int, int, int, int, float, int]],
+    slots: Sequence[Sequence[Any]],  # (layer, expert, last_use, uses, profile, hi_uses[, recent[, next_use[, p_next]]])
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> int: ...
+def policy_admit(policy: str, newcomer: Sequence[Any], victim: Sequence[Any]) -> bool: ...
 def policy_admits_on_miss(policy: str) -> bool: ...
+def policy_needs_future(policy: str) -> bool: ...
 def plan_layer(
     experts: list[tuple[int, int, float, bool, bool]],
     capacity: int,
@@ -179,6 +183,11 @@ def router_topk(
     w: npt.ArrayLike, x: npt.ArrayLike, k: int, gating: int = 1, bias: npt.ArrayLike | None = None
 ) -> list[tuple[int, float]]: ...
 def offload_plan(path: str, budget: int, per_layer: bool = True) -> dict[str, Any]: ...
+
+class RoutingModel:
+    def __init__(self, n_layer: int, n_expert: int, half_life: float = 32.0, prior: float = 4.0) -> None: ...
+    def observe(self, layer: int, experts: list[int], weights: list[float]) -> None: ...
+    def p_next(self, layer: int, expert: int) -> float: ...
 
 class CacheSimulator:
     def __init__(
@@ -202,6 +211,14 @@ class CacheSimulator:
         flops_per_token: float = 0.0,
         layer_seconds: float = 0.0,
         admission: bool = True,
+        prefetch: bool = True,
+        horizon_scale: float = 1.0,
     ) -> None: ...
-    def run(self, ids: npt.ArrayLike, weights: npt.ArrayLike) -> None: ...
+    def run(
+        self,
+        ids: npt.ArrayLike,
+        weights: npt.ArrayLike,
+        ubatches: list[int] | None = None,
+        guesses: npt.ArrayLike | None = None,  # int32 [n, 4]: token, layer, target layer, expert
+    ) -> None: ...
     def result(self) -> dict[str, Any]: ...

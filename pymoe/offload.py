@@ -17,7 +17,8 @@ from . import _core, stats
 from .gguf_info import GGUFSummary
 
 OFFLOAD_MODES = ("auto", "on", "off")
-POLICIES = tuple(_core.policy_names())
+# the policies a model can run (an offline one, belady, reads the future: pymoe simulate only)
+POLICIES = tuple(p for p in _core.policy_names() if not _core.policy_needs_future(p))
 # the expert cache's slot pools: one per layer, or one per tensor format shared
 # by the layers (see docs/design.md, "Slot pools per layer")
 PARTITIONS = ("layer", "shared")

@@ -56,7 +56,7 @@ BUDGETS = ["one-slot", 0.25, 0.5, 1.0]
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])  # qwen2_moe: a shared expert beside the routed ones
 @pytest.mark.parametrize("tier", ["disk", "host"])
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("policy", ["lru", "lfu", "static"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "static", "markov"])
 def test_logits_equal_the_unhooked_path(baselines, arch, tier, budget, policy):
     path, tokens, ref_batch, ref_steps, profile = baselines[arch]
     budget_bytes = one_slot_bytes(path) if budget == "one-slot" else budget
