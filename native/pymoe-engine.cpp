@@ -63,6 +63,11 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
     if (params.tier != "disk" && params.tier != "host") {
         throw std::invalid_argument("unknown offload tier '" + params.tier + "'; hint: use disk or host");
     }
+    if (make_eviction_policy(params.policy)->needs_future()) {
+        throw std::invalid_argument("the " + params.policy + " policy reads the future of a routing trace: it is "
+                                    "the simulator's upper bound; hint: run it with pymoe simulate, and pick an "
+                                    "online policy (lrfu, lru, lfu, multidim) for a model");
+    }
     if (params.lo_share < 0.0 || params.lo_share > 1.0 || params.lo_threshold < 0.0f) {
         throw std::invalid_argument("lo_share must be in [0, 1] and lo_threshold >= 0");
     }
@@ -132,6 +137,12 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
         for (const auto & p : l.projs) {
             flops_per_token_[(size_t) l.il] += 2.0 * (double) p.ne[0] * (double) p.ne[1];
         }
+    }
+    if (!params.record_path.empty() && first_moe_layer_ >= 0) {
+        const record_header h{ path.substr(path.find_last_of("/\\") + 1), n_layer, n_expert, n_expert_used,
+                               params.prefetch ? params.prefetch_depth : 0, store_->layer(first_moe_layer_)->expert_bytes,
+                               (uint64_t) (flops_per_token_[(size_t) first_moe_layer_] / 2) };
+        recorder_ = std::make_unique<routing_recorder>(params.record_path, h, prefetcher_.get());
     }
     expert_tensors_.assign((size_t) n_layer, {});
     hook_.reset(make_moe_hook(*this));
@@ -203,6 +214,7 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
 }
 
 engine::~engine() {
+    recorder_.reset();  // reads the prefetcher's last guesses
     prefetcher_.reset();
     loader_.reset();  // finishes its upload and joins before the pools and upload streams go
     release_direct();
@@ -400,7 +412,7 @@ void engine::on_route(int32_t il) {
     double      load_seconds = 0.0;
     try {
         read_ids(rt.selected, sel_);
-        if (cache_lo_ && params_.replay_weights.empty()) {
+        if ((cache_lo_ || recorder_) && params_.replay_weights.empty()) {
             read_weights(rt.weights, w_);  // mixed precision weighs each pair
         } else {
             // nothing else needs them (the planner only breaks ties with them):
@@ -423,6 +435,9 @@ void engine::on_route(int32_t il) {
                 }
             }
             replay_cursor_[il] += (uint64_t) n_tokens;
+        }
+        if (recorder_) {
+            recorder_->route(il, n_tokens, n_used, sel_.data(), w_.data());
         }
         relative_gate_weights(w_.data(), n_tokens, n_used);
         plan_step(il, n_used, n_tokens, step, ls, load_seconds);

@@ -17,6 +17,7 @@
 #include "pymoe-planner.h"
 #include "pymoe-loader.h"
 #include "pymoe-prefetch.h"
+#include "pymoe-recorder.h"
 #include "pymoe-step.h"
 #include "pymoe.h"
 
@@ -145,6 +146,7 @@ class engine {
     std::unique_ptr<async_loader>   loader_;           // background loads: prefetching and admission
     pending_slots                   pending_;          // slots those loads are filling
     std::unique_ptr<prefetcher>     prefetcher_;       // with prefetching on
+    std::unique_ptr<routing_recorder> recorder_;       // --record-routing (reads the prefetcher's guesses)
     step_planner                    planner_;
     bool                            device_pools_  = false; // some pools live in device memory
     double                          token_seconds_ = 0;     // a decode token's time, measured (admission's horizon)

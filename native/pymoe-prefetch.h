@@ -106,6 +106,8 @@ class prefetcher {
                int32_t depth, int32_t max_tokens, const targets & t);
 
     router_predictor & predictor() { return predictor_; }
+    // the experts predicted so far for layer il's next step (the routing recorder reads them)
+    const std::vector<int32_t> & predicted(int32_t il) const { return predicted_[(size_t) il]; }
 
     // Before layer il's plan: counts the predictions made for il that were chosen
     // (`chosen`: the step's distinct experts) and waits for background loads of

@@ -200,10 +200,12 @@ def timed_run(
 # --- one configuration (in the child process)
 
 
-def run_one(args: argparse.Namespace, budget: str) -> dict[str, Any]:
+def run_one(args: argparse.Namespace, budget: str, record: bool = False) -> dict[str, Any]:
     from .model import Model
 
     offload = {"offload": "off"} if budget == "off" else {"offload": "on", "expert_budget": budget_arg(budget)}
+    # the routing does not depend on the budget: one configuration records it (--record-routing)
+    offload["record_routing"] = args.record_routing if record else None
     settings = settings_mod.from_args(args, n_ctx=max(args.n_ctx, args.prompt_tokens + args.gen_tokens + 8), **offload)
     t_load = time.perf_counter()
     with Model(args.model, settings) as m:
@@ -435,14 +437,17 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"'{args.model}' is a dense model: there are no experts to offload; use --budgets off")
     if args.plot and budgets[-1] == "off":
         raise ValueError("--plot draws the cache: make the last budget one with offload on")
+    recorder = max((i for i, b in enumerate(budgets) if b != "off"), default=None) if args.record_routing else None
+    if args.record_routing and recorder is None:
+        raise ValueError("--record-routing needs a budget with offload on; hint: add one to --budgets")
 
     from tqdm import tqdm
 
     results = []
-    for budget in tqdm(budgets, desc="configurations", unit="config", disable=args.json, file=sys.stderr):
+    for i, budget in enumerate(tqdm(budgets, desc="configurations", unit="config", disable=args.json, file=sys.stderr)):
         # a fresh process per configuration: its peak memory and page cache use are its own
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results.append(pool.submit(run_one, args, budget).result())
+            results.append(pool.submit(run_one, args, budget, i == recorder).result())
     reference = run_llama_bench(args) if args.vs_llama_cpp else None
     if args.plot:
         plot(results[-1], args.plot, summary.name or Path(args.model).name)

@@ -263,6 +263,18 @@ class Settings:
         ),
     )
 
+    record_routing: str | os.PathLike[str] | None = field(
+        default=None,
+        metadata=_opt(
+            "--record-routing",
+            group=OFFLOAD,
+            metavar="FILE",
+            help="write this run's routing to FILE (per step and MoE layer: the chosen experts, their gate weights "
+            "and, with --prefetch, the predictor's guesses) for `pymoe simulate --trace FILE`; it needs the expert "
+            "engine, which --offload auto then turns on",
+        ),
+    )
+
     # --- Python only (no flag)
     direct_io: bool = field(
         default=_NATIVE.offload.direct_io, metadata=_py_only("read slots with O_DIRECT (disk tier)")
@@ -334,12 +346,18 @@ class Settings:
         tier, devices = self.placement()
         offload = OffloadConfig.resolve(
             summary,
-            offload=self.offload,
+            # the router's choices are read by the engine: recording needs it
+            offload="on" if self.record_routing and self.offload == "auto" and summary.is_moe else self.offload,
             expert_budget=self.expert_budget,
             policy=self.policy,
             n_ctx=n_ctx,
             devices=devices,
         )
+        if self.record_routing and not offload.enabled:
+            raise ValueError(
+                f"--record-routing needs the expert engine, which is off here ({offload.reason}); "
+                "hint: record a MoE model with --offload on (or auto)"
+            )
         sidecar = resolve_sidecar(path, self.sidecar) if offload.enabled else None
         p = _core.ModelParams()
         p.path = str(path)
@@ -359,6 +377,7 @@ class Settings:
         o.prefetch_max_tokens = self.prefetch_max_tokens
         o.w_recency, o.w_frequency, o.w_precision = (float(w) for w in self.multidim_weights)
         o.lo_path = str(sidecar or "")
+        o.record_path = str(self.record_routing or "")
         if self.profile is not None:
             import numpy as np
 

@@ -1,7 +1,21 @@
-"""Expert-routing traces recorded from real MoE models.
+"""Expert-routing traces: recorded from real MoE models by pymoe itself
+(``--record-routing FILE``), or by other people (shared/traces/README.md).
 
-Two formats are read (see shared/traces/README.md for the files):
+Three formats are read:
 
+- pymoe's own routing record (``--record-routing``, native/pymoe-recorder.*):
+  one JSON line, then binary records, one per step of a MoE layer. The JSON
+  line: ``{"format": "pymoe-routing", "version": 1, "byte_order": "little",
+  "model": NAME, "n_layer": N, "n_expert": E, "n_expert_used": K,
+  "prefetch_depth": D}`` (D = 0: prefetching was off). Each record, in that
+  byte order: ``int32 layer, int32 n_tokens, int32 n_used``, ``int32
+  experts[n_tokens * n_used]`` and ``float32 weights[n_tokens * n_used]`` (the
+  router's choice and gate weights, token-major), ``int32 n_guesses``,
+  ``int32 guesses[n_guesses][2]`` (target layer, expert): the experts the
+  prefetcher had predicted for the later layers' next steps once this step
+  was planned. Records come in graph order: the MoE layers of one ubatch,
+  ascending, then the next ubatch. A record cut short (a killed run) ends the
+  trace, as does a ubatch that lacks some layer.
 - one JSON object per (token, layer) with ``experts`` and ``gating_probs``
   (Mixtral-8x7B in vLLM: ``problem_id``, ``layer``, ``token_idx`` or
   ``token_pos``);
@@ -12,7 +26,10 @@ Two formats are read (see shared/traces/README.md for the files):
 
 A trace becomes arrays ``experts`` / ``weights`` of shape
 ``[n_tokens, n_layer, k]`` with the tokens of each sequence (a problem, a
-request) consecutive and in order.
+request) consecutive and in order; a recorded run also keeps the ubatches
+its tokens were evaluated in and the predictor's guesses, and marks with -1
+the rows of tokens that skipped a layer (llama.cpp computes only the output
+rows of the last layer).
 """
 
 from __future__ import annotations
@@ -28,6 +45,10 @@ import numpy as np
 
 # rows of server warm-up at the start of the Qwen1.5-MoE logs (shared/traces/README.md)
 QWEN_WARMUP_ROWS = 8448
+# and of the OLMoE log: its first 2048 rows route every token to experts 7, 6, 4, 5, 1, 0, 2, 3
+# with equal weights 0.125 (dummy data); real tokens follow
+OLMOE_WARMUP_ROWS = 2048
+ROUTING_FORMAT = "pymoe-routing"
 
 
 @dataclass
@@ -38,6 +59,14 @@ class Trace:
     n_expert: int  # experts per layer of the traced model (at least max id + 1)
     layers: list[int]  # the traced model's layer number of each column
     sequences: list[tuple[int, int]] = field(default_factory=list)  # [start, end) token rows per sequence
+    # a recorded run: tokens per ubatch, in order (None: one token each), and the
+    # predictor's guesses int32 [n, 4] (token row of the ubatch, layer column, target layer column, expert)
+    ubatches: list[int] | None = None
+    guesses: np.ndarray | None = None
+    # a recorded run: the model's file name, one expert's bytes and parameters (the first MoE layer's)
+    model: str | None = None
+    expert_bytes: int | None = None
+    expert_params: int | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -64,7 +93,11 @@ class Trace:
                 "hint: replay it on a model of the same routing shape"
             )
         cols = [min(len(self.layers) - 1, (il * len(self.layers)) // n_layer) for il in range(n_layer)]
-        return np.ascontiguousarray(self.experts[:, cols, :]), np.ascontiguousarray(self.weights[:, cols, :])
+        rows = (self.experts >= 0).all(axis=(1, 2))  # tokens that passed every layer
+        return (
+            np.ascontiguousarray(self.experts[rows][:, cols, :]),
+            np.ascontiguousarray(self.weights[rows][:, cols, :]),
+        )
 
 
 def _load_per_token_layer(path: Path) -> Trace:
@@ -140,21 +173,116 @@ def _load_vllm_routes(paths: Sequence[Path], skip_rows: int) -> Trace:
     return Trace(name, experts, weights, max(n_expert, int(experts.max()) + 1), layer_list, sequences)
 
 
+def _load_routing_record(path: Path) -> Trace:
+    data = path.read_bytes()
+    end = data.index(b"\n")
+    head = json.loads(data[:end])
+    if head.get("version") != 1:
+        raise ValueError(
+            f"'{path}' is a routing record of version {head.get('version')}; this pymoe reads version 1. "
+            "hint: record it again with this pymoe"
+        )
+    order = "<" if head.get("byte_order", "little") == "little" else ">"
+    i32, f32 = np.dtype(order + "i4"), np.dtype(order + "f4")
+    body = memoryview(data)[end + 1 :]
+    # records: (layer, n_tokens, experts [n_tokens, k], weights, guesses [n, 2])
+    records: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []
+    pos, size = 0, len(body)
+    while pos + 12 <= size:
+        il, n_tokens, n_used = (int(x) for x in np.frombuffer(body, i32, 3, pos))
+        n = n_tokens * n_used
+        if n_tokens <= 0 or n_used <= 0 or pos + 16 + 8 * n > size:
+            break
+        experts = np.frombuffer(body, i32, n, pos + 12).reshape(n_tokens, n_used)
+        weights = np.frombuffer(body, f32, n, pos + 12 + 4 * n).reshape(n_tokens, n_used)
+        pos += 12 + 8 * n
+        n_guess = int(np.frombuffer(body, i32, 1, pos)[0])
+        if n_guess < 0 or pos + 4 + 8 * n_guess > size:
+            break
+        guesses = np.frombuffer(body, i32, 2 * n_guess, pos + 4).reshape(n_guess, 2)
+        pos += 4 + 8 * n_guess
+        records.append((il, n_tokens, experts, weights, guesses))
+    if not records:
+        raise ValueError(f"'{path}' holds no routing step; hint: record a run that decodes at least one token")
+    # ubatches: runs of records with ascending layers
+    batches: list[list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]] = [[]]
+    for r in records:
+        if batches[-1] and r[0] <= batches[-1][-1][0]:
+            batches.append([])
+        batches[-1].append(r)
+    layers = sorted({r[0] for r in records})
+    col = {il: j for j, il in enumerate(layers)}
+    k = records[0][2].shape[1]
+    if any([r[0] for r in b] != layers for b in batches[:-1]):
+        raise ValueError(f"'{path}': a ubatch lacks some MoE layers; hint: the record is damaged, record it again")
+    if [r[0] for r in batches[-1]] != layers:
+        batches.pop()  # the run ended inside a ubatch
+    if not batches:
+        raise ValueError(f"'{path}' holds no complete ubatch; hint: record a run that decodes at least one token")
+    if any(r[2].shape[1] != k for b in batches for r in b):
+        raise ValueError(f"'{path}': the steps differ in their experts per token; hint: record it again")
+    # a ubatch's tokens: its first layer's; the last layer computes only the rows whose
+    # output is wanted (the last ones when generating): the other rows stay -1 there
+    sizes = [max(r[1] for r in b) for b in batches]
+    n_tokens = sum(sizes)
+    experts = np.full((n_tokens, len(layers), k), -1, np.int32)
+    weights = np.zeros((n_tokens, len(layers), k), np.float32)
+    guesses: list[tuple[int, int, int, int]] = []
+    t0 = 0
+    for b, n in zip(batches, sizes, strict=True):
+        for il, nt, e, w, g in b:
+            experts[t0 + n - nt : t0 + n, col[il]] = e
+            weights[t0 + n - nt : t0 + n, col[il]] = w
+            guesses += [(t0, col[il], col[int(tl)], int(x)) for tl, x in g if int(tl) in col and int(tl) > il]
+        t0 += n
+    n_expert = max(int(head.get("n_expert", 0)), int(experts.max()) + 1)
+    return Trace(
+        path.stem,
+        experts,
+        weights,
+        n_expert,
+        layers,
+        [(0, n_tokens)],
+        ubatches=sizes,
+        guesses=np.array(guesses, np.int32).reshape(-1, 4),
+        model=str(head.get("model") or "") or None,
+        expert_bytes=int(head.get("expert_bytes", 0)) or None,
+        expert_params=int(head.get("expert_params", 0)) or None,
+    )
+
+
 def load_trace(
     paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, skip_rows: int | None = None
 ) -> Trace:
-    """Reads a trace: one Mixtral-style file, or one or more vLLM route logs
-    (several layers of one run). `skip_rows` drops leading route rows per file
-    (default: the Qwen1.5 warm-up for files named qwen1.5*, else 0)."""
+    """Reads a trace: a routing record of pymoe's (``--record-routing``), one
+    Mixtral-style file, or one or more vLLM route logs (several layers of one
+    run). `skip_rows` drops leading route rows per file (default: the server's
+    warm-up for files named qwen1.5* or olmoe*, else 0)."""
     plist = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     for p in plist:
         if not p.is_file():
             raise FileNotFoundError(f"trace file '{p}' does not exist")
-    with open(plist[0]) as f:
-        first = json.loads(f.readline())
+    with open(plist[0], "rb") as fb:
+        line = fb.readline()
+    try:
+        first = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        first = None
+    if not isinstance(first, dict):
+        raise ValueError(
+            f"'{plist[0]}' is not a routing trace (its first line is no JSON object); "
+            "hint: record one with --record-routing FILE"
+        )
+    if first.get("format") == ROUTING_FORMAT:
+        if len(plist) != 1:
+            raise ValueError("a routing record comes in one file; hint: simulate one recording at a time")
+        return _load_routing_record(plist[0])
     if first.get("type") == "meta":
         if skip_rows is None:
-            skip_rows = QWEN_WARMUP_ROWS if plist[0].name.startswith("qwen1.5") else 0
+            name = plist[0].name
+            skip_rows = (
+                QWEN_WARMUP_ROWS if name.startswith("qwen1.5") else OLMOE_WARMUP_ROWS if name.startswith("olmoe") else 0
+            )
         return _load_vllm_routes(plist, skip_rows)
     if len(plist) != 1:
         raise ValueError("per-token traces come in one file")

@@ -32,6 +32,7 @@ DERIVED = {
     "profile",
     "replay",
     "replay_weights",
+    "record_path",  # record_routing (None: "")
     "offload",
 }
 
@@ -80,6 +81,7 @@ def test_every_native_field_is_set_from_the_settings(demo_gguf):
         admission=False,
         multidim_weights=(0.5, 2.0, 3.0),
         profile=[[1.0]],
+        record_routing="run.routes",
     )
     p, offload, _ = changed.resolve(demo_gguf, summarize(demo_gguf))
     default = _core.ModelParams()
@@ -91,6 +93,16 @@ def test_every_native_field_is_set_from_the_settings(demo_gguf):
     assert offload.enabled and p.offload.enabled
     assert p.offload.per_layer is False and p.offload.tier == "host" and p.offload.profile == [1.0]
     assert (p.offload.w_recency, p.offload.w_frequency, p.offload.w_precision) == (0.5, 2.0, 3.0)
+    assert p.offload.record_path == "run.routes"
+
+
+def test_recording_the_routing_needs_the_engine(demo_gguf):
+    summary = summarize(demo_gguf)
+    # every expert fits: auto would run the model resident, but the router is read by the engine
+    assert not Settings(expert_budget="100GiB").resolve(demo_gguf, summary)[1].enabled
+    assert Settings(expert_budget="100GiB", record_routing="r").resolve(demo_gguf, summary)[1].enabled
+    with pytest.raises(ValueError, match="needs the expert engine.*offload is off"):
+        Settings(offload="off", record_routing="r").resolve(demo_gguf, summary)
 
 
 def parse(*argv: str) -> Settings:
