@@ -10,7 +10,7 @@ import pytest
 from conftest import run_pymoe
 
 from pymoe import _core
-from pymoe.simulate import SimResult, simulate
+from pymoe.simulate import PLOT_POLICIES, SimResult, hit_rate_curves, simulate
 from pymoe.traces import load_trace
 
 
@@ -98,10 +98,11 @@ def test_cli_json(tmp_path):
     proc = run_pymoe("simulate", "--trace", str(trace), "--budget", "0.5", "--policy", "lfu", "--json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
-    # the command prints what the library function returns
-    assert simulate(trace, budget=0.5, policy="lfu").as_dict() == res
+    # the command prints what the library function returns, with Belady's bound beside it
+    assert simulate(trace, budget=0.5, policy="lfu", bound=True).as_dict() == res
     for key in ("hit_rate", "bytes_per_token", "latency_per_token_s"):
         assert key in res
+    assert res["hit_rate"] <= res["bound_hit_rate"] == simulate(trace, budget=0.5, policy="belady").hit_rate
     assert res["preset"] == "mixtral-8x7b" and res["tokens"] == 50 and 0 <= res["hit_rate"] <= 1
     lo = json.loads(
         run_pymoe(
@@ -142,3 +143,32 @@ def test_library_function(tmp_path):
         simulate(trace, preset="gpt-5")
     with pytest.raises(ValueError, match="expert size"):
         simulate(write_trace(tmp_path / "t3.jsonl", *random_routing(n_tokens=5, n_layer=2, n_expert=3)))
+
+
+def test_plot(tmp_path):
+    ids, w = random_routing(n_tokens=40, n_layer=3)
+    trace = write_trace(tmp_path / "trace.jsonl", ids, w)
+    png = tmp_path / "hits.png"
+    proc = run_pymoe("simulate", "--trace", str(trace), "--no-cpu-assist", "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in proc.stdout
+    # what it draws: a hit rate per policy and budget, never above the bound, rising with the budget
+    curves = hit_rate_curves(load_trace(trace), PLOT_POLICIES, [0.25, 0.5, 1.0], cpu_assist=False)
+    assert set(curves) == set(PLOT_POLICIES)
+    for policy, rates in curves.items():
+        assert rates == sorted(rates) and rates[-1] > 0.9
+        assert all(r <= b for r, b in zip(rates, curves["belady"], strict=True)), policy
+
+
+def test_warmup_rows_of_the_shared_logs_are_dropped(tmp_path):
+    # vLLM route logs begin with the server's warm-up on dummy data (shared/traces/README.md)
+    meta = {"type": "meta", "num_experts": 8}
+    for name, warmup in (("qwen1.5-x_layer0.jsonl", 8448), ("olmoe-x_layer0.jsonl", 2048), ("other.jsonl", 0)):
+        rows = [meta] + [
+            {"type": "route", "req_id": "r", "token_idx": i, "layer": 0, "topk_ids": [i % 8, (i + 1) % 8],
+             "topk_weights": [0.5, 0.5]}
+            for i in range(warmup + 10)
+        ]  # fmt: skip
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        assert load_trace(path).n_tokens == 10 if warmup else load_trace(path).n_tokens == 10 + warmup
