@@ -146,20 +146,27 @@ class policy_static : public eviction_policy {
 
 }  // namespace
 
-routing_model::routing_model(int32_t n_layer, int32_t n_expert, double half_life, double prior)
+routing_model::transitions routing_model::empty_transitions(size_t n) {
+    transitions t;
+    t.to.assign(n * n, 0.0f);
+    t.from.assign(n, 0.0f);
+    t.stamp.assign(n, 0);
+    return t;
+}
+
+routing_model::routing_model(int32_t n_layer, int32_t n_expert, double half_life, double prior, int32_t depth)
     : n_expert_(n_expert),
       decay_(std::exp2(-1.0 / half_life)),
       prior_(prior),
       layers_((size_t) n_layer),
+      depth_(std::max(0, depth)),
       sum_((size_t) n_expert, 0.0f) {
     const size_t n = (size_t) n_expert;
     for (auto & l : layers_) {
         l.freq.assign(n, 0.0f);
-        for (transitions * t : { &l.same, &l.cross }) {
-            t->to.assign(n * n, 0.0f);
-            t->from.assign(n, 0.0f);
-            t->stamp.assign(n, 0);
-        }
+        l.below.assign((size_t) depth_, {});
+        l.same = empty_transitions(n);
+        l.cross.assign((size_t) depth_, empty_transitions(n));
     }
 }
 
@@ -226,8 +233,10 @@ void routing_model::observe(int32_t il, const int32_t * experts, const float * w
     if (!l.last.experts.empty()) {
         learn(l.same, l.last, scratch_, now);
     }
-    if (!l.before_last.experts.empty()) {
-        learn(l.cross, l.before_last, scratch_, now);
+    for (int32_t j = 0; j < depth_; ++j) {
+        if (!l.below[(size_t) j].experts.empty()) {
+            learn(l.cross[(size_t) j], l.below[(size_t) j], scratch_, now);
+        }
     }
     for (float & f : l.freq) {
         f *= (float) decay_;
@@ -236,12 +245,17 @@ void routing_model::observe(int32_t il, const int32_t * experts, const float * w
         l.freq[(size_t) e] += 1.0f;
     }
     l.freq_steps = l.freq_steps * (float) decay_ + 1.0f;
-    // the layer observed just before, in the same ubatch (a lower layer), is the token's layer before
-    const bool before = last_layer_ >= 0 && last_layer_ < il;
-    l.before_last     = before ? layers_[(size_t) last_layer_].last : weighted_set{};
-    l.last            = scratch_;
-    l.p_valid         = false;
-    last_layer_       = il;
+    // the layers observed before it in the same ubatch (lower layers) are the token's layers below
+    if (!ubatch_layers_.empty() && ubatch_layers_.back() >= il) {
+        ubatch_layers_.clear();  // a new ubatch
+    }
+    for (int32_t j = 0; j < depth_; ++j) {
+        const int64_t b = (int64_t) ubatch_layers_.size() - 1 - j;
+        l.below[(size_t) j] = b >= 0 ? layers_[(size_t) ubatch_layers_[(size_t) b]].last : weighted_set{};
+    }
+    ubatch_layers_.push_back(il);
+    l.last    = scratch_;
+    l.p_valid = false;
 }
 
 double routing_model::p_next(int32_t il, int32_t e) const {
@@ -257,13 +271,14 @@ double routing_model::p_next(int32_t il, int32_t e) const {
         }
         l.p_next.assign(base_.begin(), base_.end());
         // naive Bayes: each source's evidence as its ratio to the base rate
-        for (const auto & [t, from, p] : { std::tie(l.same, l.last, p_same_), std::tie(l.cross, l.before_last, p_cross_) }) {
+        for (int32_t j = -1; j < depth_; ++j) {  // -1: the layer's own last step
+            const weighted_set & from = j < 0 ? l.last : l.below[(size_t) j];
             if (from.experts.empty()) {
                 continue;
             }
-            predict(t, from, base_, l.steps, p);
+            predict(j < 0 ? l.same : l.cross[(size_t) j], from, base_, l.steps, p_);
             for (size_t x = 0; x < n; ++x) {
-                l.p_next[x] = (float) (l.p_next[x] * p[x] / base_[x]);
+                l.p_next[x] = (float) (l.p_next[x] * p_[x] / base_[x]);
             }
         }
         l.p_valid = true;

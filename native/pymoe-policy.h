@@ -69,15 +69,16 @@ class eviction_policy {
 
 // What the past says about a layer's next step, for the "markov" policy: a
 // first-order model of the routing. Decayed counts of which experts followed
-// which, (a) at one layer from one step to its next and (b) from the layer
-// before (the same token) to this layer's next step, each weighted by the gate
-// weights of the experts they start from; each smoothed towards the layer's
-// decayed frequency, and the two combined as independent evidence (naive Bayes).
-// Counts halve every `half_life` steps of their layer. Memory: two float tables
-// of n_expert^2 per layer (Mixtral: 32 x 2 x 64; 256 experts: 512 KiB a layer).
+// which, (a) at one layer from one step to its next and (b) from each of the
+// `depth` MoE layers below it (the same token) to this layer's next step, each
+// weighted by the gate weights of the experts they start from; each smoothed
+// towards the layer's decayed frequency, and the sources combined as
+// independent evidence (naive Bayes). Counts halve every `half_life` steps of
+// their layer. Memory: 1 + depth float tables of n_expert^2 per layer
+// (Mixtral: 32 x 4 x 64; 256 experts: 1 MiB a layer at depth 3).
 class routing_model {
   public:
-    routing_model(int32_t n_layer, int32_t n_expert, double half_life = 32.0, double prior = 4.0);
+    routing_model(int32_t n_layer, int32_t n_expert, double half_life = 32.0, double prior = 4.0, int32_t depth = 3);
 
     // Layer il's step chose these pairs: expert ids and their weights relative to
     // each token's top-k sum (as the planner weighs them).
@@ -99,13 +100,15 @@ class routing_model {
         uint64_t           steps = 0;
         std::vector<float> freq;           // [n_expert] decayed steps that used each expert
         float              freq_steps = 0; // decayed steps
-        weighted_set       last;           // the layer's last step
-        weighted_set       before_last;    // the layer before it, at that step (the same token)
-        transitions        same, cross;    // last -> next step; before_last -> next step
+        weighted_set              last;   // the layer's last step
+        std::vector<weighted_set> below;  // [depth] the MoE layers 1, 2 ... below it at that step (the same token)
+        transitions               same;   // last -> next step
+        std::vector<transitions>  cross;  // [depth] below[j] -> next step
         std::vector<float> p_next;         // [n_expert] the predictions, computed at the first ask after a step
         bool               p_valid = false;
     };
 
+    static transitions empty_transitions(size_t n);
     void   learn(transitions & t, const weighted_set & from, const weighted_set & to, uint64_t now) const;
     void   predict(const transitions & t, const weighted_set & from, const std::vector<double> & base, uint64_t now,
                    std::vector<double> & p) const;
@@ -114,10 +117,11 @@ class routing_model {
     double                   decay_;  // per layer step
     double                   prior_;
     mutable std::vector<layer_state> layers_;  // (the predictions are cached on the first ask)
-    int32_t                  last_layer_ = -1;  // the layer observed last
+    int32_t                  depth_;
+    std::vector<int32_t>     ubatch_layers_;  // the layers observed so far in this ubatch, ascending
     weighted_set             scratch_;
     std::vector<float>       sum_;  // [n_expert] scratch
-    mutable std::vector<double> base_, p_same_, p_cross_;  // [n_expert] scratch
+    mutable std::vector<double> base_, p_;  // [n_expert] scratch
 };
 
 // "lru": least recently used. "lfu": least frequently used, ties by recency.
@@ -128,11 +132,10 @@ class routing_model {
 //   precision: the share of uses that wanted high precision).
 // "lrfu": the smallest decayed frequency (`recent`: pairs over a window that
 //   halves every ~32 tokens), ties by recency: LRU's recency and LFU's
-//   frequency in one score (Lee et al.'s LRFU), measured best of the online
-//   policies on the real traces (docs/simulate.md).
-// "markov": the smallest p_next (routing_model), ties by `recent`, then by
+//   frequency in one score (Lee et al.'s LRFU).
+// "markov": the smallest p_next (routing_model, depth 3), ties by `recent`, then by
 //   recency: the expert least likely to be used at its layer's next step, as
-//   this token's experts at that layer and at the layer before predict it.
+//   this token's experts at that layer and at the three MoE layers below predict it.
 //   Admits a newcomer that is both likelier next and more used lately.
 // "belady": the farthest next use (never used again first), ties by recency:
 //   the optimal offline choice, an upper bound for the simulator only

@@ -116,6 +116,31 @@ def test_routing_model_by_hand():
     assert got[1] > got[0] > got[2]
 
 
+def test_routing_model_reads_the_layers_below_by_hand():
+    # three layers, two experts, one a step, counts that never decay, a prior of 1 step;
+    # the tokens' (layer 0, layer 1, layer 2) experts:
+    tokens = [(0, 0, 0), (1, 0, 1), (0, 0, 0)]
+    # layer 2 learns, from token 1 to token 2 and from token 2 to token 3:
+    #   its own step:   0 -> 1, 1 -> 0
+    #   layer 1 below:  0 -> 1, 0 -> 0
+    #   layer 0 below:  0 -> 1, 1 -> 0
+    # base rate (2/3, 1/3); token 3 has 0 at every layer, so each source predicts from
+    # expert 0: P(e | 0) = (count(0 -> e) + base_e) / (count(0) + 1), as a ratio to the base:
+    #   own (1/3, 2/3) -> (1/2, 2); layer 1 (5/9, 4/9) -> (5/6, 4/3); layer 0 as own: (1/2, 2)
+    own, layer1, layer0 = (1 / 2, 2), (5 / 6, 4 / 3), (1 / 2, 2)
+    expect = {
+        0: [2 / 3 * own[0], 1 / 3 * own[1]],  # its own last step only
+        1: [2 / 3 * own[0] * layer1[0], 1 / 3 * own[1] * layer1[1]],  # and the layer below
+        2: [2 / 3 * own[0] * layer1[0] * layer0[0], 1 / 3 * own[1] * layer1[1] * layer0[1]],
+    }
+    for depth, want in expect.items():
+        m = _core.RoutingModel(3, 2, half_life=1e12, prior=1.0, depth=depth)
+        for tok in tokens:
+            for layer, e in enumerate(tok):
+                m.observe(layer, [e], [1.0])
+        assert [m.p_next(2, e) for e in range(2)] == pytest.approx(want, rel=1e-6), depth
+
+
 def test_markov_decisions_on_a_tiny_trace():
     # one layer, 3 experts, 2 slots, one expert a step: cycles of "2 0 1 1 1 1 1 1",
     # then a last "2 0". Expert 2 is always followed by 0, while 1 is used far more.
