@@ -101,7 +101,7 @@ def test_recording_the_routing_needs_the_engine(demo_gguf):
     # every expert fits: auto would run the model resident, but the router is read by the engine
     assert not Settings(expert_budget="100GiB").resolve(demo_gguf, summary)[1].enabled
     assert Settings(expert_budget="100GiB", record_routing="r").resolve(demo_gguf, summary)[1].enabled
-    with pytest.raises(ValueError, match="needs the expert engine.*offload is off"):
+    with pytest.raises(ValueError, match=r"needs the expert engine.*offload is off"):
         Settings(offload="off", record_routing="r").resolve(demo_gguf, summary)
 
 

@@ -95,10 +95,8 @@ def policy_tables(traces: dict[str, Trace]) -> tuple[str, list[dict[str, Any]]]:
                 res = {p: simulate(trace, budget=budget, policy=p, **options) for p in cols}
                 results += [{"trace": name, "mode": mode, **r.as_dict()} for r in res.values()]
                 best = max(res[p].hit_rate for p in ONLINE)
-                cells = [
-                    f"**{res[p].hit_rate:.3f}**" if p != BOUND_POLICY and res[p].hit_rate == best else f"{res[p].hit_rate:.3f}"
-                    for p in cols
-                ]  # fmt: skip
+                bold = {p for p in ONLINE if res[p].hit_rate == best}
+                cells = [f"**{res[p].hit_rate:.3f}**" if p in bold else f"{res[p].hit_rate:.3f}" for p in cols]
                 line = f"| {name} ({trace.n_tokens} tokens) | {budget:.0%} | " + " | ".join(cells)
                 line += f" | {res[NEW].hit_rate - res['lru'].hit_rate:+.3f} |"
                 if assist:
