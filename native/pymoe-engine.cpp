@@ -413,7 +413,11 @@ void engine::on_route(int32_t il) {
     try {
         read_ids(rt.selected, sel_);
         if ((cache_lo_ || recorder_) && params_.replay_weights.empty()) {
+            const auto tw = clock_type::now();
             read_weights(rt.weights, w_);  // mixed precision weighs each pair
+            if (!cache_lo_) {
+                ls.record_seconds += seconds_since(tw);  // read for the recorder only
+            }
         } else {
             // nothing else needs them (the planner only breaks ties with them):
             // one read fewer at every sync point (a round trip on an RPC device)
@@ -437,7 +441,9 @@ void engine::on_route(int32_t il) {
             replay_cursor_[il] += (uint64_t) n_tokens;
         }
         if (recorder_) {
+            const auto tr = clock_type::now();
             recorder_->route(il, n_tokens, n_used, sel_.data(), w_.data());
+            ls.record_seconds += seconds_since(tr);
         }
         relative_gate_weights(w_.data(), n_tokens, n_used);
         plan_step(il, n_used, n_tokens, step, ls, load_seconds);
@@ -475,7 +481,7 @@ void engine::on_route(int32_t il) {
     ls.steps        = 1;
     ls.pairs        = (uint64_t) n_pairs;
     ls.load_seconds = load_seconds;
-    ls.plan_seconds = seconds_since(t0) - load_seconds - ls.prefetch_wait_seconds;
+    ls.plan_seconds = seconds_since(t0) - load_seconds - ls.prefetch_wait_seconds - ls.record_seconds;
     std::lock_guard<std::mutex> lock(stats_mutex_);
     layer_stats_[il] += ls;
 }

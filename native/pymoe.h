@@ -251,7 +251,8 @@ struct offload_params {
     X(uint64_t, prefetch_bytes, "bytes of those background loads")                                  \
     X(double, prefetch_wait_seconds, "the decode waited for a background load: exposed time")           \
     X(uint64_t, admissions, "missed experts uploaded into a slot in the background (hits once landed)") \
-    X(uint64_t, bytes_admitted, "bytes of those background uploads")
+    X(uint64_t, bytes_admitted, "bytes of those background uploads")                                 \
+    X(double, record_seconds, "recording the routing (--record-routing), its weight reads included")
 
 struct layer_stats {
 #define PYMOE_COUNTER_FIELD(type, name, doc) type name = 0;

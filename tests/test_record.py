@@ -38,6 +38,7 @@ def test_a_recording_replays_to_the_engines_own_counts(demo_gguf, tmp_path, poli
     first = trace.experts[: trace.ubatches[0]]
     assert (first[:-1, -1] == -1).all() and (first[-1] >= 0).all() and (first[:, :-1] >= 0).all()
     assert int((trace.experts >= 0).all(axis=2).sum()) * 2 == engine["pairs"]
+    assert engine["record_seconds"] > 0  # the engine's clock around the recorder (tools/record_overhead.py)
     sim = simulate(trace, budget=0.5, policy=policy, cpu_assist=False)
     assert sim.n_slots == raw["n_slots"] and sim.tokens == sum(trace.ubatches)
     # the same planner, cache and policy on the same routing: the same decisions
@@ -110,3 +111,15 @@ def test_a_cut_record_keeps_its_whole_ubatches(demo_gguf, tmp_path):
     bad.write_bytes(b"\x00\x01binary")
     with pytest.raises(ValueError, match="not a routing trace"):
         load_trace(bad)
+
+
+def test_bench_records_its_last_offloaded_configuration(demo_gguf, tmp_path):
+    path = tmp_path / "bench.routes"
+    args = ("bench", str(demo_gguf), "-p", "8", "-n", "3", "-t", "2", "--no-warmup", "--record-routing", str(path))
+    proc = run_pymoe(*args, "--budgets", "0.25,0.5,off", "--json")
+    assert proc.returncode == 0, proc.stderr
+    trace = load_trace(path)
+    # one configuration's run (the 0.5 one): the prompt in one ubatch, then the decode steps
+    assert trace.ubatches == [8, 1, 1, 1]
+    off = run_pymoe(*args, "--budgets", "off")
+    assert off.returncode != 0 and "needs a budget with offload on" in off.stderr and "Traceback" not in off.stderr
