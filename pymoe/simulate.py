@@ -304,7 +304,8 @@ def hit_rate_curves(
     return {p: [simulate(trace, budget=float(b), policy=p, **kwargs).hit_rate for b in shares] for p in policies}
 
 
-PLOT_POLICIES = ("lru", "lfu", "multidim", "lrfu", BOUND_POLICY)
+# the online policies a model can run (static needs a profile), and the bound
+PLOT_POLICIES = ("lru", "lfu", "multidim", "lrfu", "markov", BOUND_POLICY)
 
 
 def plot_hit_rates(curves: dict[str, list[float]], shares: Sequence[float], path: str, title: str) -> None:
@@ -366,7 +367,7 @@ def main(args: argparse.Namespace) -> int:
         mode = "CPU assist + admission" if options["cpu_assist"] and options["admission"] else (
             "CPU assist" if options["cpu_assist"] else "every miss loaded"
         )  # fmt: skip
-        plot_hit_rates(curves, shares, args.plot, f"{trace.name} ({res.tokens} tokens, {res.preset}; {mode})")
+        plot_hit_rates(curves, shares, args.plot, f"{trace.name}\n{res.tokens} tokens, {res.preset}; {mode}")
     if args.json:
         print(json.dumps(res.as_dict()))
         return 0
