@@ -7,7 +7,9 @@ Three formats are read:
   one JSON line, then binary records, one per step of a MoE layer. The JSON
   line: ``{"format": "pymoe-routing", "version": 1, "byte_order": "little",
   "model": NAME, "n_layer": N, "n_expert": E, "n_expert_used": K,
-  "prefetch_depth": D}`` (D = 0: prefetching was off). Each record, in that
+  "prefetch_depth": D, "expert_bytes": B, "expert_params": P}`` (D = 0:
+  prefetching was off; B and P: one expert of the first MoE layer, all its
+  projections, in bytes and in parameters). Each record, in that
   byte order: ``int32 layer, int32 n_tokens, int32 n_used``, ``int32
   experts[n_tokens * n_used]`` and ``float32 weights[n_tokens * n_used]`` (the
   router's choice and gate weights, token-major), ``int32 n_guesses``,
