@@ -397,8 +397,8 @@ PYBIND11_MODULE(_core, mod) {
 
     py::class_<pymoe::routing_model>(mod, "RoutingModel",
                                      "The markov policy's predictor of a layer's next step (pymoe-policy.h).")
-        .def(py::init<int32_t, int32_t, double, double, int32_t>(), py::arg("n_layer"), py::arg("n_expert"),
-             py::arg("half_life") = 32.0, py::arg("prior") = 4.0, py::arg("depth") = 3)
+        .def(py::init<int32_t, int32_t, double, double, int32_t, double>(), py::arg("n_layer"), py::arg("n_expert"),
+             py::arg("half_life") = 32.0, py::arg("prior") = 4.0, py::arg("depth") = 3, py::arg("base_half_life") = 0.0)
         .def(
             "observe",
             [](pymoe::routing_model & self, int32_t layer, const std::vector<int32_t> & experts,

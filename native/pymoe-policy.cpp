@@ -154,9 +154,11 @@ routing_model::transitions routing_model::empty_transitions(size_t n) {
     return t;
 }
 
-routing_model::routing_model(int32_t n_layer, int32_t n_expert, double half_life, double prior, int32_t depth)
+routing_model::routing_model(int32_t n_layer, int32_t n_expert, double half_life, double prior, int32_t depth,
+                             double base_half_life)
     : n_expert_(n_expert),
       decay_(std::exp2(-1.0 / half_life)),
+      base_decay_(std::exp2(-1.0 / (base_half_life > 0 ? base_half_life : 4.0 * n_expert))),
       prior_(prior),
       layers_((size_t) n_layer),
       depth_(std::max(0, depth)),
@@ -239,12 +241,12 @@ void routing_model::observe(int32_t il, const int32_t * experts, const float * w
         }
     }
     for (float & f : l.freq) {
-        f *= (float) decay_;
+        f *= (float) base_decay_;
     }
     for (int32_t e : scratch_.experts) {
         l.freq[(size_t) e] += 1.0f;
     }
-    l.freq_steps = l.freq_steps * (float) decay_ + 1.0f;
+    l.freq_steps = l.freq_steps * (float) base_decay_ + 1.0f;
     // the layers observed before it in the same ubatch (lower layers) are the token's layers below
     if (!ubatch_layers_.empty() && ubatch_layers_.back() >= il) {
         ubatch_layers_.clear();  // a new ubatch

@@ -74,11 +74,13 @@ class eviction_policy {
 // weighted by the gate weights of the experts they start from; each smoothed
 // towards the layer's decayed frequency, and the sources combined as
 // independent evidence (naive Bayes). Counts halve every `half_life` steps of
-// their layer. Memory: 1 + depth float tables of n_expert^2 per layer
+// their layer, the frequencies every `base_half_life` (0: 4 x n_expert steps, a
+// window that grows with the experts it spreads over). Memory: 1 + depth float tables of n_expert^2 per layer
 // (Mixtral: 32 x 4 x 64; 256 experts: 1 MiB a layer at depth 3).
 class routing_model {
   public:
-    routing_model(int32_t n_layer, int32_t n_expert, double half_life = 32.0, double prior = 4.0, int32_t depth = 3);
+    routing_model(int32_t n_layer, int32_t n_expert, double half_life = 32.0, double prior = 4.0, int32_t depth = 3,
+                  double base_half_life = 0.0);
 
     // Layer il's step chose these pairs: expert ids and their weights relative to
     // each token's top-k sum (as the planner weighs them).
@@ -115,6 +117,7 @@ class routing_model {
 
     int32_t                  n_expert_;
     double                   decay_;  // per layer step
+    double                   base_decay_;  // of the frequencies (the base rate), per layer step
     double                   prior_;
     mutable std::vector<layer_state> layers_;  // (the predictions are cached on the first ask)
     int32_t                  depth_;

@@ -186,7 +186,13 @@ def offload_plan(path: str, budget: int, per_layer: bool = True) -> dict[str, An
 
 class RoutingModel:
     def __init__(
-        self, n_layer: int, n_expert: int, half_life: float = 32.0, prior: float = 4.0, depth: int = 3
+        self,
+        n_layer: int,
+        n_expert: int,
+        half_life: float = 32.0,
+        prior: float = 4.0,
+        depth: int = 3,
+        base_half_life: float = 0.0,
     ) -> None: ...
     def observe(self, layer: int, experts: list[int], weights: list[float]) -> None: ...
     def p_next(self, layer: int, expert: int) -> float: ...

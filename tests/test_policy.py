@@ -98,7 +98,7 @@ def test_pick_victim_by_hand():
 
 def test_routing_model_by_hand():
     # one layer, 3 experts, counts halving every step (half-life 1), a prior of 1 step
-    m = _core.RoutingModel(1, 3, half_life=1.0, prior=1.0)
+    m = _core.RoutingModel(1, 3, half_life=1.0, prior=1.0, base_half_life=1.0)
     m.observe(0, [0], [1.0])
     m.observe(0, [1], [1.0])
     # frequency: expert 0 used one step ago (0.5), expert 1 now (1) over 1.5 decayed steps;
@@ -114,6 +114,20 @@ def test_routing_model_by_hand():
     assert got == pytest.approx(expect.tolist(), rel=1e-6)
     # so after 0 1 0 markov keeps 1 over 0 (0.524 > 0.476) where LRU and lrfu keep 0
     assert got[1] > got[0] > got[2]
+
+
+def test_the_base_rate_remembers_longer_with_more_experts():
+    # the frequencies' half-life is 4 x n_expert layer steps unless given: a base rate over
+    # many experts needs a longer window (docs/simulate.md: 32 steps for Mixtral's 8)
+    def p_next(n_expert, **kw):
+        m = _core.RoutingModel(1, n_expert, **kw)
+        for e in [0, 1, 0, 2, 0, 1] * 5 + [2] * 10:
+            m.observe(0, [e], [1.0])
+        return [m.p_next(0, e) for e in range(3)]
+
+    for n in (3, 16):
+        assert p_next(n) == pytest.approx(p_next(n, base_half_life=4.0 * n), rel=1e-12)
+        assert p_next(n) != pytest.approx(p_next(n, base_half_life=4.0 * n + 8), rel=1e-6)
 
 
 def test_routing_model_reads_the_layers_below_by_hand():
@@ -134,7 +148,7 @@ def test_routing_model_reads_the_layers_below_by_hand():
         2: [2 / 3 * own[0] * layer1[0] * layer0[0], 1 / 3 * own[1] * layer1[1] * layer0[1]],
     }
     for depth, want in expect.items():
-        m = _core.RoutingModel(3, 2, half_life=1e12, prior=1.0, depth=depth)
+        m = _core.RoutingModel(3, 2, half_life=1e12, prior=1.0, depth=depth, base_half_life=1e12)
         for tok in tokens:
             for layer, e in enumerate(tok):
                 m.observe(layer, [e], [1.0])
