@@ -8,7 +8,12 @@ empty KV cache a --prompt-tokens batch of random token ids (BOS first when
 the model adds one) for prefill, and --gen-tokens single-token steps after
 it for decode (greedy, EOS ignored), each timed apart. --vs-llama-cpp runs the pinned
 llama.cpp's own llama-bench (tools/build_llama_tools.sh builds it) on the
-same file and prints pymoe's speed relative to it."""
+same file, with the same warm-up and repacking choices, and prints pymoe's
+speed relative to it. --replay feeds the engine a recorded routing trace
+instead of the model's router (a benchmark mode: a random model then sees a
+real model's access pattern). Progress inside a configuration goes to
+stderr. Under a memory cgroup limit (v1 or v2) each configuration also
+reports the cgroup's peak, page cache included, from a cold page cache."""
 
 from __future__ import annotations
 
@@ -20,11 +25,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -58,6 +66,13 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         help="time the first run too (by default an untimed prefill runs first, as in llama-bench)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    parser.add_argument(
+        "--replay",
+        nargs="+",
+        metavar="TRACE",
+        help="BENCHMARK MODE: route every token by a recorded trace instead of the model's router (the files "
+        "`pymoe simulate --trace` reads; its top-k and expert count must match the model's); needs offload on",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--plot",
@@ -130,6 +145,7 @@ def timed_run(
     seed: int = 0,
     greedy: bool = False,
     decode_stats: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> TimedRun:
     """Times one test the way llama-bench does: an untimed warm-up (a prompt
     when there is one, else one token: the file's pages mapped in, the expert
@@ -138,7 +154,10 @@ def timed_run(
     single-token decode steps. Tokens are random ids, BOS first when the model
     adds one; with `greedy` a decode step feeds the previous step's argmax
     instead (EOS ignored). With `decode_stats` the engine's raw counters are
-    read after every decode step of the last repetition (inside the timing)."""
+    read after every decode step of the last repetition (inside the timing).
+    `progress(phase, done, total)` is called as the run goes ("warm-up",
+    "prefill", "decode"); a prompt is then fed n_batch tokens per call (the
+    split the native decode makes anyway), so that it can report inside one."""
     if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0 or reps < 1:
         raise ValueError("a timed run needs prompt or decode tokens (>= 0, not both 0) and at least one repetition")
     rng = np.random.default_rng(seed)
@@ -150,9 +169,22 @@ def timed_run(
             ids[0] = bos[0]
         return ids
 
+    chunk = max(1, model.settings.n_batch) if progress else max(1, n_prompt)
+
+    def prompt(tokens: list[int], phase: str) -> np.ndarray:
+        n = len(tokens)
+        done = min(chunk, n)
+        while True:
+            logits = model.next_token_logits(tokens[:done])  # evaluates what the KV cache lacks
+            if progress:
+                progress(phase, done, n)
+            if done == n:
+                return logits
+            done = min(done + chunk, n)
+
     if warmup:
         model.reset()
-        model.next_token_logits(random_ids(n_prompt or 1))
+        prompt(random_ids(n_prompt or 1), "warm-up")
     model.reset()
     model.reset_stats()
     offload = model.offload.enabled
@@ -167,14 +199,14 @@ def timed_run(
         logits = None
         if n_prompt:
             t = time.perf_counter()
-            logits = model.next_token_logits(tokens)
+            logits = prompt(tokens, "prefill")
             pp.append(time.perf_counter() - t)
             after_prefill = model.offload_stats(raw=True) if offload else None
         if not n_gen:
             continue
         record = decode_stats and offload and rep == reps - 1
         t = time.perf_counter()
-        for _ in range(n_gen):
+        for i in range(n_gen):
             if greedy and logits is not None:
                 tokens.append(int(np.argmax(logits)))
             else:
@@ -182,6 +214,8 @@ def timed_run(
             logits = model.next_token_logits(tokens)
             if record:
                 steps.append(model.offload_stats(raw=True))
+            if progress:
+                progress("decode", i + 1, n_gen)
         tg.append(time.perf_counter() - t)
     t1, cpu1, io1 = time.perf_counter(), _cpu_seconds(), read_bytes()
     return TimedRun(
@@ -206,7 +240,31 @@ def run_one(args: argparse.Namespace, budget: str, record: bool = False) -> dict
     offload = {"offload": "off"} if budget == "off" else {"offload": "on", "expert_budget": budget_arg(budget)}
     # the routing does not depend on the budget: one configuration records it (--record-routing)
     offload["record_routing"] = args.record_routing if record else None
+    if args.replay:
+        from .gguf_info import summarize
+        from .traces import load_trace
+
+        s = summarize(args.model)
+        offload["replay"] = load_trace(args.replay).fit_routes(s.n_layer, s.n_expert, s.n_expert_used)
     settings = settings_mod.from_args(args, n_ctx=max(args.n_ctx, args.prompt_tokens + args.gen_tokens + 8), **offload)
+    cgroup = CgroupPeak.start(args.model, args.sidecar if args.sidecar != "auto" else None)  # under a limit
+    bar = None
+    if not args.json:
+        from tqdm import tqdm
+
+        bar = tqdm(total=1, desc=f"budget {budget}: loading", unit="tok", file=sys.stderr, leave=False, position=1)
+
+    shown = [""]  # the phase the bar shows
+
+    def progress(phase: str, done: int, total: int) -> None:
+        assert bar is not None
+        if phase != shown[0]:
+            shown[0] = phase
+            bar.reset(total=total)
+            bar.set_description(f"budget {budget}: {phase}")
+        bar.n = done
+        bar.refresh()
+
     t_load = time.perf_counter()
     with Model(args.model, settings) as m:
         load_seconds = time.perf_counter() - t_load
@@ -218,7 +276,10 @@ def run_one(args: argparse.Namespace, budget: str, record: bool = False) -> dict
             seed=args.seed,
             greedy=True,
             decode_stats=True,
+            progress=progress if bar is not None else None,
         )
+        if bar is not None:
+            bar.close()
         after_pp = run.stats_after_prefill
         per_token: list[list[tuple[int, int]]] = []  # per decode token, per layer: (hits, lookups)
         if after_pp is not None:
@@ -246,6 +307,8 @@ def run_one(args: argparse.Namespace, budget: str, record: bool = False) -> dict
             "generate_seconds": sum(run.tg_seconds),
         }
         result["summary"] = counters.summary(stats, timed)  # what `pymoe bench` prints per configuration
+        if args.replay:
+            result["replay"] = [str(p) for p in args.replay]
         if stats:
             decode_tokens = args.gen_tokens
             tg_bytes = sum(
@@ -269,6 +332,8 @@ def run_one(args: argparse.Namespace, budget: str, record: bool = False) -> dict
                     "decode_hits": per_token,
                 }
             )
+    if cgroup is not None:
+        result.update(cgroup.finish())
     return result
 
 
@@ -292,6 +357,99 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+# --- the memory cgroup (Linux)
+
+
+def memory_cgroup() -> tuple[int, Path, int] | None:
+    """This process's memory cgroup when it has a limit: (1 or 2 for cgroup v1 or v2, its folder, the limit
+    in bytes); None without a limit or off Linux. The folders are where pymoe's available_memory reads them."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":
+            version, folder, limit_file = 2, Path(f"/sys/fs/cgroup{rel}"), "memory.max"
+        elif "memory" in controllers.split(","):
+            version, folder, limit_file = 1, Path(f"/sys/fs/cgroup/memory{rel}"), "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            limit = (folder / limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # v1 reports no limit as a huge number, v2 as "max"
+            return version, folder, int(limit)
+    return None
+
+
+class CgroupPeak:
+    """The peak memory of this process's memory cgroup over one configuration, as the cgroup counts it
+    (page cache included): the model's file is dropped from the page cache first, and the peak is reset
+    where the kernel allows it (v1: memory.max_usage_in_bytes; v2: memory.peak from Linux 6.12), else it
+    is the peak since the cgroup began. Other processes of the cgroup count too."""
+
+    PEAK: ClassVar = {1: "memory.max_usage_in_bytes", 2: "memory.peak"}
+
+    def __init__(self, version: int, folder: Path, limit: int) -> None:
+        self.version, self.folder, self.limit = version, folder, limit
+        self.since_start = True
+        self._fd: int | None = None
+
+    @classmethod
+    def start(cls, *files: str | os.PathLike[str] | None) -> CgroupPeak | None:
+        found = memory_cgroup()
+        if found is None:
+            return None
+        peak = cls(*found)
+        for f in files:
+            if f:
+                drop_page_cache(Path(f))
+        path = peak.folder / cls.PEAK[peak.version]
+        try:
+            if peak.version == 1:
+                path.write_text("0")  # resets the peak to the current usage
+            else:
+                # a write resets the peak that reads through the same open file see (Linux 6.12)
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    os.write(fd, b"reset\n")
+                except OSError:
+                    os.close(fd)
+                    raise
+                peak._fd = fd
+            peak.since_start = False
+        except OSError:
+            pass
+        return peak
+
+    def finish(self) -> dict[str, Any]:
+        """The peak (bytes), the limit and what the peak covers."""
+        if self._fd is not None:
+            value = os.pread(self._fd, 64, 0)
+            os.close(self._fd)
+            self._fd = None
+        else:
+            value = (self.folder / self.PEAK[self.version]).read_bytes()
+        return {
+            "cgroup_peak_bytes": int(value.strip()),
+            "cgroup_limit_bytes": self.limit,
+            "cgroup_peak_since": "cgroup start" if self.since_start else "configuration start",
+        }
+
+
+def drop_page_cache(path: Path) -> None:
+    """Drops a file's pages from the page cache (pages a process maps stay); nothing where the OS cannot."""
+    if not hasattr(os, "posix_fadvise") or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 # --- llama-bench
@@ -349,13 +507,30 @@ def run_llama_bench(args: argparse.Namespace) -> dict[str, Any]:
         "1",
         "-o",
         "json",
+        "--progress",
     ]
+    if not args.warmup:
+        cmd.append("--no-warmup")  # as pymoe: the first (only) run is the timed one, no prompt twice
+    if not args.repack:
+        cmd += ["--repack", "0"]  # as pymoe with --no-repack: the same kernels for the dense weights
     # the closest static offload: without a GPU every expert runs on the CPU from the mapped file;
     # a GPU build would keep as many layers' experts on the CPU as the budget cannot hold (--n-cpu-moe)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama-bench failed: {proc.stderr.strip()[-500:]}")
-    rows = json.loads(proc.stdout)
+    # its progress lines (stderr) are passed on as they come, and the last ones kept for an error
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read() if proc.stdout else ""))
+    reader.start()
+    tail: deque[str] = deque(maxlen=40)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        tail.append(line)
+        if not args.json:
+            print(line, end="", file=sys.stderr, flush=True)
+    returncode = proc.wait()
+    reader.join()
+    if returncode != 0:
+        raise RuntimeError(llama_bench_failure(cmd, returncode, "".join(tail), "".join(stdout)))
+    rows = json.loads("".join(stdout))
     out = {"command": " ".join(cmd)}
     for r in rows:
         if r["n_prompt"] and not r["n_gen"]:
@@ -363,6 +538,28 @@ def run_llama_bench(args: argparse.Namespace) -> dict[str, Any]:
         elif r["n_gen"] and not r["n_prompt"]:
             out["tg_tokens_per_second"] = r["avg_ts"]
     return out
+
+
+def llama_bench_failure(cmd: list[str], returncode: int, stderr: str, stdout: str) -> str:
+    """What to tell the user when llama-bench failed: how it ended, its own last lines, what to try."""
+    if returncode < 0:
+        import signal
+
+        try:
+            how = f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-returncode}"
+    else:
+        how = f"exited with status {returncode}"
+    said = "\n".join((stderr.strip() or stdout.strip()).splitlines()[-15:])
+    hint = "run the command above by hand to see all of its output"
+    if "--repack" not in cmd:
+        hint += "; if it crashed in a repacked kernel (AMX), pass --no-repack (llama-bench then gets --repack 0)"
+    return (
+        f"llama-bench {how}: {' '.join(cmd)}\n"
+        + (f"its last output:\n{said}\n" if said else "it printed nothing\n")
+        + f"hint: {hint}"
+    )
 
 
 # --- output
@@ -388,6 +585,16 @@ def print_table(results: list[dict[str, Any]], reference: dict[str, Any] | None)
             pp = r["pp_tokens_per_second"] / reference["pp_tokens_per_second"]
             tg = r["tg_tokens_per_second"] / reference["tg_tokens_per_second"]
             print(f"  budget {r['budget']}: pymoe / llama.cpp = {pp:.2f}x prefill, {tg:.2f}x decode")
+
+
+def print_cgroup_peaks(results: list[dict[str, Any]]) -> None:
+    """Under a memory cgroup limit: each configuration's peak as the cgroup saw it (page cache included)."""
+    for r in results:
+        if "cgroup_peak_bytes" in r:
+            print(
+                f"budget {r['budget']}: cgroup peak {format_bytes(r['cgroup_peak_bytes'])} of its limit "
+                f"{format_bytes(r['cgroup_limit_bytes'])} (page cache included; since {r['cgroup_peak_since']})"
+            )
 
 
 def plot(result: dict[str, Any], path: str, model_name: str) -> None:
@@ -435,6 +642,8 @@ def main(args: argparse.Namespace) -> int:
     )
     if not summary.is_moe and any(b != "off" for b in budgets):
         raise ValueError(f"'{args.model}' is a dense model: there are no experts to offload; use --budgets off")
+    if args.replay and "off" in budgets:
+        raise ValueError("--replay routes through the offload engine: drop the budget 'off' from --budgets")
     if args.plot and budgets[-1] == "off":
         raise ValueError("--plot draws the cache: make the last budget one with offload on")
     recorder = max((i for i, b in enumerate(budgets) if b != "off"), default=None) if args.record_routing else None
@@ -473,6 +682,7 @@ def main(args: argparse.Namespace) -> int:
         for r in results:
             print(f"\nbudget {r['budget']}:")
             print(textwrap.indent(r["summary"], "  "))
+        print_cgroup_peaks(results)
         if args.plot:
             print(f"plot: {args.plot}")
     return 0

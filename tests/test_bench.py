@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
-from conftest import ROOT, run_pymoe
+from conftest import ROOT, load_tool, run_pymoe
 
 
 def test_bench_budgets_json_and_plot(tiny, tmp_path):
@@ -64,6 +68,137 @@ def test_bench_vs_llama_cpp(tiny, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     ref = json.loads(proc.stdout)["llama_cpp"]
     assert ref["pp_tokens_per_second"] > 0 and ref["tg_tokens_per_second"] > 0 and "llama-bench" in ref["command"]
+
+
+def test_bench_replay_and_progress(tiny, tmp_path):
+    # a trace that routes the first token to experts 6 and 7 and every later one to 0 and 1, in every layer
+    trace = tmp_path / "trace.jsonl"
+    with trace.open("w") as f:
+        for t in range(40):
+            for layer in range(2):
+                experts = [6, 7] if t == 0 else [0, 1]
+                f.write(json.dumps({"problem_id": 0, "layer": layer, "experts": experts, "gating_probs": [0.7, 0.3]}))
+                f.write("\n")
+    model = str(tiny.gguf("mixtral"))
+    proc = run_pymoe("bench", model, "--budgets", "0.5", "-p", "16", "-n", "6", "-b", "8", "--replay", str(trace))
+    assert proc.returncode == 0, proc.stderr
+    # progress inside the configuration: its phases, the prompt in n_batch steps
+    for phase in ("loading", "warm-up", "prefill", "decode"):
+        assert f"budget 0.5: {phase}" in proc.stderr, proc.stderr
+    assert "8/16" in proc.stderr and "6/6" in proc.stderr
+    proc = run_pymoe("bench", model, "--budgets", "0.5", "-p", "16", "-n", "6", "--replay", str(trace), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "budget 0.5: decode" not in proc.stderr  # --json: quiet
+    r = json.loads(proc.stdout)["results"][0]
+    assert r["replay"] == [str(trace)]
+    # the engine saw the trace's experts: after the warm-up, 0 and 1 are (almost always) in the cache of
+    # every layer; the model's own router hits 0.65 at this budget
+    assert r["hit_rate"] > 0.9
+    off = run_pymoe("bench", model, "--budgets", "off", "-p", "4", "-n", "2", "--replay", str(trace))
+    assert off.returncode != 0 and "--replay routes through the offload engine" in off.stderr
+
+
+def _fake_llama_bench(path, body):
+    """A stand-in llama-bench that records its arguments (the real one is tested above)."""
+    path.write_text(f'#!/bin/sh\necho "$@" > {path}.args\n{body}\n')
+    path.chmod(0o755)
+    return path
+
+
+JSON_ROWS = '[{"n_prompt": 8, "n_gen": 0, "avg_ts": 10.0}, {"n_prompt": 0, "n_gen": 2, "avg_ts": 5.0}]'
+
+
+def test_bench_llama_bench_arguments_and_failures(tiny, tmp_path):
+    model = str(tiny.gguf("mixtral"))
+    common = ("bench", model, "--budgets", "off", "-p", "8", "-n", "2", "--vs-llama-cpp", "--llama-bench")
+    ok = _fake_llama_bench(tmp_path / "ok", f"echo 'llama-bench: benchmark 1/2: prompt run' >&2\necho '{JSON_ROWS}'")
+    proc = run_pymoe(*common, str(ok), "--no-repack", "--no-warmup")
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "ok.args").read_text().split()
+    assert "--no-warmup" in args and args[args.index("--repack") + 1] == "0"
+    assert "llama-bench: benchmark 1/2: prompt run" in proc.stderr  # its progress is passed on
+    assert "pymoe / llama.cpp" in proc.stdout
+    proc = run_pymoe(*common, str(ok))
+    args = (tmp_path / "ok.args").read_text().split()
+    assert proc.returncode == 0 and "--no-warmup" not in args and "--repack" not in args
+    # a failure shows what llama-bench said and how it ended
+    bad = _fake_llama_bench(tmp_path / "bad", "echo 'error: failed to load model x' >&2\nexit 3")
+    proc = run_pymoe(*common, str(bad))
+    assert proc.returncode == 1
+    assert "llama-bench exited with status 3" in proc.stderr and "error: failed to load model x" in proc.stderr
+    crash = _fake_llama_bench(tmp_path / "crash", "kill -SEGV $$")
+    proc = run_pymoe(*common, str(crash))
+    assert "killed by SIGSEGV" in proc.stderr and "it printed nothing" in proc.stderr
+    assert "--no-repack" in proc.stderr  # the hint for repacked kernels that crash
+
+
+@pytest.mark.skipif(not LLAMA_BENCH.is_file(), reason="llama-bench not built (tools/build_llama_tools.sh)")
+def test_bench_real_llama_bench_arguments_and_failure(tiny, tmp_path):
+    from pymoe.bench import run_llama_bench
+
+    proc = run_pymoe(
+        "bench", str(tiny.gguf("mixtral")), "--budgets", "off", "-p", "8", "-n", "2", "--vs-llama-cpp", "--json",
+        "--llama-bench", str(LLAMA_BENCH), "--no-repack", "--no-warmup",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ref = json.loads(proc.stdout)["llama_cpp"]
+    assert "--repack 0" in ref["command"] and "--no-warmup" in ref["command"] and ref["tg_tokens_per_second"] > 0
+    not_gguf = tmp_path / "not.gguf"
+    not_gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    args = argparse.Namespace(
+        llama_bench=str(LLAMA_BENCH), model=not_gguf, prompt_tokens=8, gen_tokens=2, n_threads=1, warmup=True,
+        repack=True, json=True,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="llama-bench exited with status") as err:
+        run_llama_bench(args)
+    assert "failed to load model" in str(err.value)  # llama-bench's own words
+
+
+def test_bench_cgroup_peak(tiny, tmp_path):
+    tool = load_tool("bench_offload")
+    if os.geteuid() != 0 or tool.memory_hierarchy() is None:
+        pytest.skip("needs root and a memory cgroup controller (v1 or v2)")
+    model = tiny.gguf("mixtral")
+    limit = 1 << 30
+    with tool.MemCgroup(limit) as cg:
+        join = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg.path / "cgroup.procs")]
+        proc = subprocess.run(
+            [*join, sys.executable, "-m", "pymoe", "bench", str(model), "--budgets", "off,0.5", "-p", "8", "-n", "2"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT / "tests",
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "cgroup peak" in proc.stdout and "page cache included" in proc.stdout
+        proc = subprocess.run(
+            [
+                *join,
+                sys.executable,
+                "-m",
+                "pymoe",
+                "bench",
+                str(model),
+                "--budgets",
+                "off",
+                "-p",
+                "8",
+                "-n",
+                "2",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT / "tests",
+        )
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)["results"][0]
+    assert r["cgroup_limit_bytes"] == limit
+    # the file was dropped from the page cache, then read through the mapping (and the processes' own memory)
+    assert model.stat().st_size <= r["cgroup_peak_bytes"] <= limit
+    if tool.memory_hierarchy()[0] == 1:
+        assert r["cgroup_peak_since"] == "configuration start"
 
 
 def test_bench_errors(dense_gguf, tiny, tmp_path):
