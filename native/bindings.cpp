@@ -516,6 +516,8 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("prefetch_depth", &pymoe::offload_params::prefetch_depth)
         .def_readwrite("prefetch_max_tokens", &pymoe::offload_params::prefetch_max_tokens)
         .def_readwrite("admission", &pymoe::offload_params::admission)
+        .def_readwrite("skip_threshold", &pymoe::offload_params::skip_threshold)
+        .def_readwrite("skip_renormalize", &pymoe::offload_params::skip_renormalize)
         .def_readwrite("replay", &pymoe::offload_params::replay)
         .def_readwrite("replay_weights", &pymoe::offload_params::replay_weights)
         .def_readwrite("record_path", &pymoe::offload_params::record_path);

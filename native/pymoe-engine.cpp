@@ -71,6 +71,9 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
     if (params.lo_share < 0.0 || params.lo_share > 1.0 || params.lo_threshold < 0.0f) {
         throw std::invalid_argument("lo_share must be in [0, 1] and lo_threshold >= 0");
     }
+    if (!(params.skip_threshold >= 0.0f && params.skip_threshold < 1.0f)) {
+        throw std::invalid_argument("skip_threshold must be in [0, 1); hint: 0 turns skipping off");
+    }
     release_direct_ = params.tier == "disk";
     if (layer_dev.size() != (size_t) n_layer) {
         throw std::logic_error("engine: one device per layer");
@@ -158,7 +161,7 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
         const size_t i = (size_t) (std::find(bufts.begin(), bufts.end(), buft) - bufts.begin());
         if (i == bufts.size()) {
             bufts.push_back(buft);
-            ggml_init_params ip = { ggml_tensor_overhead() * (2 * (size_t) n_layer + 1), nullptr, true };
+            ggml_init_params ip = { ggml_tensor_overhead() * (3 * (size_t) n_layer + 1), nullptr, true };
             ids_ctx_.emplace_back(ggml_init(ip));
         }
         return ids_ctx_[i].get();
@@ -178,6 +181,11 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
                                            n_tokens_max);
         ggml_format_name(pt.ids_dev, "pymoe_ids_pool-%d", il);
         ggml_format_name(pt.ids_direct, "pymoe_ids_direct-%d", il);
+        if (params.skip_threshold > 0.0f && params.skip_renormalize) {
+            // [n_used, n_tokens_max] per pair: the token's top-k sum over what its kept pairs weigh
+            pt.skip_scale = ggml_new_tensor_2d(ctx_for(layer_buft_[il]), GGML_TYPE_F32, n_expert_used, n_tokens_max);
+            ggml_format_name(pt.skip_scale, "pymoe_skip_scale-%d", il);
+        }
         for (ggml_tensor * t : { pt.ids_dev, pt.ids_direct }) {
             t->flags |= GGML_TENSOR_FLAG_SKIP_IDS;  // -1 skips a pair: backends take their skip-aware path
         }
@@ -358,6 +366,9 @@ void engine::write_plan(int32_t il, int64_t n_pairs) {
     }
     ggml_backend_tensor_set(pt.ids_dev, packed_.data(), 0, packed_.size() * sizeof(int32_t));
     ggml_backend_tensor_set(pt.ids_direct, ids_direct_.data(), 0, (size_t) n_pairs * sizeof(int32_t));
+    if (pt.skip_scale) {
+        ggml_backend_tensor_set(pt.skip_scale, skip_scale_.data(), 0, (size_t) n_pairs * sizeof(float));
+    }
 }
 
 void engine::release_direct() {
@@ -412,10 +423,10 @@ void engine::on_route(int32_t il) {
     double      load_seconds = 0.0;
     try {
         read_ids(rt.selected, sel_);
-        if ((cache_lo_ || recorder_) && params_.replay_weights.empty()) {
+        if ((cache_lo_ || recorder_ || params_.skip_threshold > 0.0f) && params_.replay_weights.empty()) {
             const auto tw = clock_type::now();
-            read_weights(rt.weights, w_);  // mixed precision weighs each pair
-            if (!cache_lo_) {
+            read_weights(rt.weights, w_);  // mixed precision and skipping weigh each pair
+            if (!cache_lo_ && params_.skip_threshold <= 0.0f) {
                 ls.record_seconds += seconds_since(tw);  // read for the recorder only
             }
         } else {
@@ -468,6 +479,7 @@ void engine::on_route(int32_t il) {
         ids_lo_.assign((size_t) n_pairs, -1);
         ids_lo_b_.assign((size_t) n_pairs, -1);
         ids_direct_.assign((size_t) n_pairs, -1);  // an id out of range would be read out of bounds: skip it
+        skip_scale_.assign((size_t) n_pairs, 1.0f);
         for (size_t p = 0; p < ids_direct_.size() && p < sel_.size(); ++p) {
             if (sel_[p] >= 0 && sel_[p] < n_expert_) {
                 ids_direct_[p] = sel_[p];
@@ -527,6 +539,7 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
     cfg.admit           = cache_->policy().admits_on_miss();
     cfg.assist          = params_.cpu_assist;
     cfg.lo_threshold    = cache_lo_ ? params_.lo_threshold : 0.0f;
+    cfg.skip_threshold  = params_.skip_threshold;
     cfg.expert_bytes    = layer.expert_bytes;
     cfg.expert_bytes_lo = cache_lo_ ? store_lo_->layer(il)->expert_bytes : 0;
     cfg.flops_per_token = flops_per_token_[(size_t) il];
@@ -563,6 +576,9 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
                     ++ls.loads_lo;
                     ls.bytes_loaded_lo += lo.expert_bytes;
                 }
+                break;
+            case ACTION_SKIP:
+                ++ls.skipped;
                 break;
             default:
                 ++ls.direct;
@@ -624,14 +640,30 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
         const expert_action a  = planner_.action_of(e);
         const bool          hi = a == ACTION_HIT || a == ACTION_LOAD;
         const bool          lo = a == ACTION_HIT_LO || a == ACTION_LOAD_LO;
+        const bool          skip = a == ACTION_SKIP;  // -1 in every branch: the pair's output row is zero
         ids_pool_[p]           = hi ? planner_.slot_of(e) : -1;
         ids_pool_b_[p]         = hi ? e : -1;
         ids_lo_[p]             = lo ? planner_.slot_of(e) : -1;
         ids_lo_b_[p]           = lo ? e : -1;
-        ids_direct_[p]         = hi || lo ? -1 : e;
+        ids_direct_[p]         = hi || lo || skip ? -1 : e;
         ls.pool_pairs += hi;
         ls.lo_pairs += lo;
-        ls.direct_pairs += !hi && !lo;
+        ls.direct_pairs += !hi && !lo && !skip;
+        ls.skipped_pairs += skip;
+    }
+    if (plan_tensors_[il].skip_scale) {
+        // renormalised: each kept pair's weight times (top-k sum / kept sum) of its token; w_ is relative (sums to 1)
+        skip_scale_.resize((size_t) n_pairs);
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            float kept = 0.0f;
+            for (int64_t i = 0; i < n_used; ++i) {
+                kept += ids_direct_[t * n_used + i] >= 0 || ids_pool_[t * n_used + i] >= 0 || ids_lo_[t * n_used + i] >= 0
+                            ? w_[t * n_used + i] : 0.0f;
+            }
+            for (int64_t i = 0; i < n_used; ++i) {
+                skip_scale_[t * n_used + i] = kept > 0.0f ? 1.0f / kept : 0.0f;
+            }
+        }
     }
 }
 

@@ -55,6 +55,8 @@ struct layer_plan_tensors {
     int32_t       n_branches = 0;       // 2 (the high pool) or 4 (and the low pool, with a sidecar)
     ggml_tensor * ids_direct = nullptr; // [n_used, n_tokens_max] in host memory (the CPU reads it):
                                         // the expert of each direct pair, else -1
+    ggml_tensor * skip_scale = nullptr; // F32 [n_used, n_tokens_max] on the layer's device, with skipping
+                                        // renormalised only: what each pair's output is multiplied by
 };
 
 // what the hook saw of a layer when it built the graph being run
@@ -180,6 +182,7 @@ class engine {
     std::vector<float>   w_;
     std::vector<float>   x_;
     std::vector<int32_t> ids_pool_, ids_pool_b_, ids_lo_, ids_lo_b_, ids_direct_;
+    std::vector<float>   skip_scale_;
     std::vector<int32_t> chosen_;
 
     mutable std::mutex       stats_mutex_;

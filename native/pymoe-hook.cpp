@@ -77,6 +77,12 @@ class moe_hook : public llama_moe_hook {
                 out = ggml_add(ctx, b, out);
             }
         }
+        if (pt.skip_scale) {
+            // skipped pairs renormalised away: the kept pairs' outputs scaled up, before the caller weights them
+            ggml_tensor * s = ggml_view_3d(ctx, pt.skip_scale, 1, n_used, layer.n_tokens, pt.skip_scale->nb[0],
+                                           pt.skip_scale->nb[1], 0);  // [1, n_used, n_tokens]
+            out = ggml_mul(ctx, out, s);
+        }
         return out;
     }
 

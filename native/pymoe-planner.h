@@ -13,6 +13,7 @@ enum expert_action : int8_t {
     ACTION_DIRECT  = 2, // compute it from the model's own tensors, where the weights live
     ACTION_HIT_LO  = 3, // a low-precision slot holds it (HOBBIT)
     ACTION_LOAD_LO = 4, // read its low-precision copy into a low-precision slot
+    ACTION_SKIP    = 5, // a miss of little weight left out (step_config::skip_threshold): not computed
 };
 
 // Measured on the machine (see engine::start); 0 means "free".

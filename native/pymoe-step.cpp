@@ -60,10 +60,21 @@ const step_plan & step_planner::plan(int32_t il, const int32_t * experts, const 
         }
     }
 
+    // adaptive top-k: misses that no token of the step weighs at skip_threshold or more are left out
+    plan_.skipped.assign(plan_.experts.size(), false);
+    std::vector<planned_expert> kept;
+    for (size_t i = 0; i < plan_.experts.size(); ++i) {
+        const planned_expert & x = plan_.experts[i];
+        plan_.skipped[i]         = !x.cached && !x.cached_lo && x.weight < cfg.skip_threshold;
+        if (!plan_.skipped[i]) {
+            kept.push_back(x);
+        }
+    }
+
     const int32_t c    = hi.class_of(il);
     const int32_t c_lo = lo ? lo->class_of(il) : -1;
     plan_request  req;
-    req.experts         = plan_.experts;
+    req.experts         = std::move(kept);
     req.capacity        = (c >= 0 ? hi.cls(c).n_slots : 0) - hits;
     req.capacity_lo     = (c_lo >= 0 ? lo->cls(c_lo).n_slots : 0) - hits_lo;
     req.admit           = cfg.admit;
@@ -73,7 +84,11 @@ const step_plan & step_planner::plan(int32_t il, const int32_t * experts, const 
     req.expert_bytes_lo = lo ? cfg.expert_bytes_lo : 0;
     req.flops_per_token = cfg.flops_per_token;
     req.cost            = cfg.cost;
-    plan_.actions       = plan_layer(req);
+    const std::vector<expert_action> planned = plan_layer(req);
+    plan_.actions.resize(plan_.experts.size());
+    for (size_t i = 0, k = 0; i < plan_.experts.size(); ++i) {
+        plan_.actions[i] = plan_.skipped[i] ? ACTION_SKIP : planned[k++];
+    }
     plan_.slots.assign(plan_.experts.size(), -1);
 
     // pin what the step uses before any load chooses a victim

@@ -17,6 +17,7 @@ struct step_config {
     bool       admit        = true;  // the policy lets a miss take a slot (false: a static hot set)
     bool       assist       = true;  // a miss may be computed where its weights are (the cost model decides)
     float      lo_threshold = 0.0f;  // relative gate weight below which low precision will do (0: never)
+    float      skip_threshold = 0.0f; // a miss whose largest relative gate weight is below it is skipped (0: never)
     uint64_t   expert_bytes    = 0;
     uint64_t   expert_bytes_lo = 0;
     double     flops_per_token = 0;  // of one expert (2 x its parameters)
@@ -32,8 +33,9 @@ struct step_config {
 
 struct step_plan {
     std::vector<planned_expert> experts;  // the distinct experts of the step, first seen first
-    std::vector<expert_action>  actions;  // per expert, final (a load that found no slot is direct)
+    std::vector<expert_action>  actions;  // per expert, final (a load that found no slot is direct; SKIP: left out)
     std::vector<int32_t>        slots;    // per expert: its slot for a hit or a load (in its precision's cache), else -1
+    std::vector<bool>           skipped;  // per expert: left out by skip_threshold
     std::vector<int32_t>        admitted; // indices into experts: direct now, and given a slot to fill in the background
     std::vector<int32_t>        admitted_slots;
     uint64_t                    evictions = 0;  // by loads and admissions

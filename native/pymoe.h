@@ -209,6 +209,13 @@ struct offload_params {
     // is idle (at most one token's worth of uploads queued), into a free slot or
     // in place of an expert used less recently-and-often; a hit once it landed.
     bool                admission           = true;
+    // Adaptive top-k: a missed expert (in no fast slot) whose gate weight,
+    // relative to its token's top-k sum, is below `skip_threshold` for every
+    // token of the step is skipped: neither loaded nor computed, its pairs
+    // contribute nothing. 0: never (exact). With `skip_renormalize` the kept
+    // pairs' weights are scaled back up to the token's full top-k sum.
+    float               skip_threshold      = 0.0f;
+    bool                skip_renormalize    = false;
     // Benchmark mode, never on by default: the experts of every (token, layer)
     // come from a recorded trace instead of the router, so a model with random
     // weights sees a real model's access pattern. [rows, n_layer, n_expert_used],
@@ -252,7 +259,9 @@ struct offload_params {
     X(double, prefetch_wait_seconds, "the decode waited for a background load: exposed time")           \
     X(uint64_t, admissions, "missed experts uploaded into a slot in the background (hits once landed)") \
     X(uint64_t, bytes_admitted, "bytes of those background uploads")                                 \
-    X(double, record_seconds, "recording the routing (--record-routing), its weight reads included")
+    X(double, record_seconds, "recording the routing (--record-routing), its weight reads included")  \
+    X(uint64_t, skipped, "missed experts left out: gate weight below skip_threshold (adaptive top-k)") \
+    X(uint64_t, skipped_pairs, "the pairs of those experts: they contributed nothing")
 
 struct layer_stats {
 #define PYMOE_COUNTER_FIELD(type, name, doc) type name = 0;

@@ -44,6 +44,8 @@ class OffloadParams:
     prefetch_depth: int
     prefetch_max_tokens: int
     admission: bool
+    skip_threshold: float
+    skip_renormalize: bool
     replay: list[int]
     replay_weights: list[float]
     record_path: str

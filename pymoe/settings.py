@@ -274,6 +274,26 @@ class Settings:
             "engine, which --offload auto then turns on",
         ),
     )
+    skip_threshold: float = field(
+        default=_NATIVE.offload.skip_threshold,
+        metadata=_opt(
+            "--skip-threshold",
+            group=OFFLOAD,
+            type=float,
+            metavar="T",
+            help="adaptive top-k, lossy: a missed expert (in no slot) whose gate weight, relative to its token's "
+            "top-k sum, is below T for every token of the step is skipped instead of read and computed; "
+            "0: never (default: %(default)s; docs/benchmarks.md measures 0.05-0.2)",
+        ),
+    )
+    skip_renormalize: bool = field(
+        default=_NATIVE.offload.skip_renormalize,
+        metadata=_opt(
+            "--skip-renormalize",
+            group=OFFLOAD,
+            help="with --skip-threshold: scale the kept experts' weights back up to the token's top-k sum",
+        ),
+    )
 
     # --- Python only (no flag)
     direct_io: bool = field(
@@ -316,6 +336,8 @@ class Settings:
             raise ValueError(f"lo_share (--lo-share) must be in [0, 1], got {self.lo_share}")
         if self.lo_threshold < 0:
             raise ValueError(f"lo_threshold (--lo-threshold) must be >= 0, got {self.lo_threshold}")
+        if not 0.0 <= self.skip_threshold < 1.0:
+            raise ValueError(f"skip_threshold (--skip-threshold) must be in [0, 1), got {self.skip_threshold}")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed; an unknown name is a TypeError that says which."""
@@ -371,7 +393,17 @@ class Settings:
         o.policy = offload.policy
         o.per_layer = self.cache_partition == "layer"
         o.tier = tier
-        for name in ("cpu_assist", "direct_io", "io_threads", "lo_share", "lo_threshold", "prefetch", "admission"):
+        for name in (
+            "cpu_assist",
+            "direct_io",
+            "io_threads",
+            "lo_share",
+            "lo_threshold",
+            "prefetch",
+            "admission",
+            "skip_threshold",
+            "skip_renormalize",
+        ):
             setattr(o, name, getattr(self, name))
         o.prefetch_depth = self.prefetch_depth
         o.prefetch_max_tokens = self.prefetch_max_tokens
