@@ -516,18 +516,19 @@ def run_llama_bench(args: argparse.Namespace) -> dict[str, Any]:
     # the closest static offload: without a GPU every expert runs on the CPU from the mapped file;
     # a GPU build would keep as many layers' experts on the CPU as the budget cannot hold (--n-cpu-moe)
     # its progress lines (stderr) are passed on as they come, and the last ones kept for an error
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout: list[str] = []
-    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read() if proc.stdout else ""))
-    reader.start()
     tail: deque[str] = deque(maxlen=40)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        tail.append(line)
-        if not args.json:
-            print(line, end="", file=sys.stderr, flush=True)
-    returncode = proc.wait()
-    reader.join()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        out = proc.stdout
+        reader = threading.Thread(target=lambda: stdout.append(out.read()))
+        reader.start()
+        for line in proc.stderr:
+            tail.append(line)
+            if not args.json:
+                print(line, end="", file=sys.stderr, flush=True)
+        reader.join()
+        returncode = proc.wait()
     if returncode != 0:
         raise RuntimeError(llama_bench_failure(cmd, returncode, "".join(tail), "".join(stdout)))
     rows = json.loads("".join(stdout))
