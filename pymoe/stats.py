@@ -171,6 +171,8 @@ def _computed(o: Mapping[str, Any]) -> str | None:
         text += f"; {_share(o['lo_share_of_pairs'])} in low precision"
         if o["upgrades"]:
             text += f" ({o['upgrades']:,} upgraded to high)"
+    if o.get("skipped_pairs"):
+        text += f"; {_share(o['skipped_pairs'] / o['pairs'])} skipped (--skip-threshold)"
     return text
 
 

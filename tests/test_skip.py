@@ -127,3 +127,15 @@ def test_threshold_is_checked():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="skip_threshold"):
             Settings(skip_threshold=bad)
+
+
+def test_the_summary_says_what_was_skipped(mixtral):
+    from pymoe import stats
+
+    gguf, _, tokens, _, _, threshold, _ = mixtral
+    with Model(gguf, offload="on", expert_budget=0, skip_threshold=threshold) as m:
+        for i in range(4):
+            m.next_token_logits(tokens[: i + 1])
+        s = m.offload_stats()
+    share = f"{s['skipped_pairs'] / s['pairs']:.0%}"
+    assert s["skipped_pairs"] > 0 and f"; {share} skipped (--skip-threshold)" in stats.summary(s, None)
