@@ -52,9 +52,15 @@ int  log_get_level();
 std::string log_take_errors();
 void        log_clear_errors();
 
-// llama.cpp's own build (the pinned upstream commit) and system info.
+// llama.cpp's own build (the pinned upstream commit) and system info (its
+// feature line, then the CPU's extra buffer types).
 std::string llama_commit();
 std::string system_info();
+// The CPU device's extra buffer types: where llama.cpp may repack weights for
+// faster kernels ("CPU_REPACK"; "AMX" only in a build with PYMOE_CPU_AMX=ON).
+std::vector<std::string> cpu_extra_buffer_types();
+// Whether this build allowed ggml's AMX repacking (cmake/pymoe-cpu-amx.cmake).
+bool build_cpu_amx();
 
 //
 // platform (pymoe-platform.cpp: the only file that calls the OS for files, mappings and memory)

@@ -183,11 +183,19 @@ def group_pools(pools: list[dict]) -> list[tuple[list[int], dict]]:
     return out
 
 
+def cpu_note() -> str:
+    """The CPU's extra buffer types (where llama.cpp repacks weights) and the AMX build setting."""
+    bufts = ", ".join(_core.cpu_extra_buffer_types()) or "none"
+    amx = "on" if _core.build_cpu_amx() else "off (build option PYMOE_CPU_AMX)"
+    return f"repacking into {bufts}; AMX {amx}"
+
+
 def main(args: argparse.Namespace) -> int:
     s = summarize(args.model)
     split = memory_plan(args.model, settings_mod.from_args(args)) if args.expert_budget is not None else None
     if args.json:
         d = s.as_dict()
+        d["cpu_extra_buffer_types"] = _core.cpu_extra_buffer_types()
         if args.tensors:
             d["tensors"] = [t.__dict__ for t in s.tensors]
         if split:
@@ -246,4 +254,6 @@ def main(args: argparse.Namespace) -> int:
         for t in s.tensors:
             flag = "E" if t.is_expert else " "
             print(f"{flag} {t.name:<40} {t.type:<8} {list(t.shape)!s:<24} {format_bytes(t.nbytes):>12}")
+    print()
+    print(f"cpu           {cpu_note()}")
     return 0
