@@ -169,6 +169,23 @@ PYBIND11_MODULE(_core, mod) {
         },
         py::arg("path"), py::arg("max_array") = 64,
         "Reads a GGUF header (metadata and tensor table) without loading weights.");
+    mod.def(
+        "gguf_problems",
+        [](const std::string & path) {
+            py::gil_scoped_release release;
+            return pymoe::gguf_problems(path);
+        },
+        py::arg("path"),
+        "What in a GGUF would make llama.cpp abort instead of failing to load (one message each; empty: none).");
+    mod.def(
+        "check_loadable",
+        [](const std::string & path) {
+            py::gil_scoped_release release;
+            pymoe::gguf_check_loadable(path);
+        },
+        py::arg("path"),
+        "A dry run of llama.cpp's loader (metadata, vocabulary, tensor names/shapes/types; no weights read); "
+        "raises RuntimeError with its reason.");
 
     // --- platform: what this OS lets the disk tier do, available memory, the read path for tests
     mod.def(

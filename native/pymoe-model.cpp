@@ -61,6 +61,10 @@ model::model(const model_params & params) : params_(params) {
         throw std::invalid_argument("model '" + params.path +
                                     "': n_batch, n_ubatch and n_seq_max must be >= 1 and n_ctx >= 0");
     }
+    gguf_validate(params.path);  // what llama.cpp would abort on instead of throwing
+    if (params.offload.enabled && !params.offload.lo_path.empty()) {
+        gguf_validate(params.offload.lo_path);  // the sidecar's weight types too
+    }
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers       = params.n_gpu_layers;
