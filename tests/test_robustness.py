@@ -30,6 +30,19 @@ def test_a_weight_type_without_a_cpu_matmul_is_a_clean_error(tmp_path):
         assert np.isfinite(m.logits([1, 2, 3])).all()
 
 
+def test_a_vocabulary_its_tokenizer_cannot_use_is_a_clean_error(tmp_path):
+    """An SPM tokenizer over a byte-level BPE vocabulary (no <0xNN> tokens):
+    llama.cpp's byte fallback throws std::out_of_range, which reached Python
+    as an IndexError with a traceback (found by the fuzzer)."""
+    from gguf_edit import VT, rewrite_gguf
+
+    seed = tmp_path / "seed.gguf"
+    write_tiny_moe(seed)
+    path = rewrite_gguf(seed, tmp_path / "spm.gguf", kv={"tokenizer.ggml.model": ("llama", VT.STRING)})
+    with Model(path, n_ctx=64) as m, pytest.raises(RuntimeError, match="vocabulary cannot tokenize this text"):
+        m.generate("Hello world", max_tokens=2, temperature=0)
+
+
 @pytest.mark.parametrize("target", ["model", "sidecar"])
 def test_fuzzed_files_fail_cleanly(target, tmp_path):
     seed = tmp_path / "seed.gguf"
