@@ -417,6 +417,11 @@ std::vector<std::string> gguf_problems(const std::string & path) {
     if (type && *type == "pymoe-sidecar") {
         return out;  // expert weights only: no hyperparameters or vocabulary of its own
     }
+    // the loader stores it in a llama_ftype, which holds 0..2047 (its largest
+    // value is LLAMA_FTYPE_GUESSED, 1024); anything else is undefined behaviour
+    if (auto ft = c.u32("general.file_type"); ft && *ft > 2047) {
+        c.problem("general.file_type is " + std::to_string(*ft) + ", which is not a llama.cpp file type");
+    }
     const std::optional<std::string> arch = c.str("general.architecture");
     if (!arch) {
         return out;  // llama.cpp throws
