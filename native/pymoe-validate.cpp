@@ -427,9 +427,8 @@ std::vector<std::string> gguf_problems(const std::string & path) {
         return out;  // llama.cpp throws
     }
     check_hparams(c, *arch);
-    const size_t before = out.size();
     check_vocab_header(c);
-    if (out.size() == before) {
+    if (out.empty()) {  // llama.cpp reads the whole header: not a file already known to be broken
         check_vocab_tokens(c, path);
     }
     return out;
