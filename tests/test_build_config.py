@@ -111,3 +111,16 @@ def test_the_llama_bench_baseline_compiles_amx_out_too(tmp_path):
     if bench.is_file():
         symbols = subprocess.run(["nm", "-C", str(bench)], capture_output=True, text=True, check=True).stdout
         assert "ggml_backend_amx_buffer_type" not in symbols
+
+
+def test_every_script_that_builds_llama_bench_applies_the_amx_setting():
+    """A llama-bench baseline built without cmake/pymoe-cpu-amx.cmake would
+    repack into AMX on such a CPU: it would crash, or compare other CPU code."""
+    scripts = [p for p in sorted((ROOT / "tools").glob("*.sh")) if "llama-bench" in p.read_text()]
+    assert scripts, "no script builds llama-bench"
+    for script in scripts:
+        text = script.read_text()
+        if "--target" not in text or "llama-bench" not in text.split("--target", 1)[1]:
+            continue  # mentions it, builds no llama-bench
+        assert 'CMAKE_PROJECT_INCLUDE="$root/cmake/pymoe-cpu-amx.cmake"' in text, script.name
+        assert 'PYMOE_CPU_AMX="${PYMOE_CPU_AMX:-OFF}"' in text, script.name
