@@ -146,7 +146,10 @@ PYBIND11_MODULE(_core, mod) {
     pymoe::log_set_level(GGML_LOG_LEVEL_NONE + 100);
 
     mod.def("llama_commit", &pymoe::llama_commit, "The pinned upstream llama.cpp commit this build uses.");
-    mod.def("system_info", &pymoe::system_info, "llama.cpp's CPU/backend feature line.");
+    mod.def("system_info", &pymoe::system_info, "llama.cpp's CPU/backend feature line and the CPU's extra buffer types.");
+    mod.def("cpu_extra_buffer_types", &pymoe::cpu_extra_buffer_types,
+            "Where llama.cpp may repack weights on the CPU (e.g. CPU_REPACK; AMX only with PYMOE_CPU_AMX=ON).");
+    mod.def("build_cpu_amx", &pymoe::build_cpu_amx, "Whether this build allowed ggml's AMX repacking.");
     mod.def("supports_gpu_offload", &pymoe::has_local_gpu, "Whether this machine has a GPU this build can use.");
     mod.def("set_log_level", &pymoe::log_set_level, py::arg("min_level"),
             "Forward llama.cpp/ggml log lines of at least this level to stderr (1 debug, 2 info, 3 warn, 4 error; "
@@ -166,6 +169,23 @@ PYBIND11_MODULE(_core, mod) {
         },
         py::arg("path"), py::arg("max_array") = 64,
         "Reads a GGUF header (metadata and tensor table) without loading weights.");
+    mod.def(
+        "gguf_problems",
+        [](const std::string & path) {
+            py::gil_scoped_release release;
+            return pymoe::gguf_problems(path);
+        },
+        py::arg("path"),
+        "What in a GGUF would make llama.cpp abort instead of failing to load (one message each; empty: none).");
+    mod.def(
+        "check_loadable",
+        [](const std::string & path) {
+            py::gil_scoped_release release;
+            pymoe::gguf_check_loadable(path);
+        },
+        py::arg("path"),
+        "A dry run of llama.cpp's loader (metadata, vocabulary, tensor names/shapes/types; no weights read); "
+        "raises RuntimeError with its reason.");
 
     // --- platform: what this OS lets the disk tier do, available memory, the read path for tests
     mod.def(

@@ -3,6 +3,7 @@
 // call can put llama.cpp's own reason into the exception it throws.
 #include "pymoe.h"
 
+#include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
 
@@ -12,6 +13,9 @@
 
 #ifndef PYMOE_LLAMA_COMMIT
 #define PYMOE_LLAMA_COMMIT "unknown"
+#endif
+#ifndef PYMOE_CPU_AMX
+#define PYMOE_CPU_AMX 0
 #endif
 
 namespace pymoe {
@@ -105,7 +109,36 @@ std::string llama_commit() {
 }
 
 std::string system_info() {
-    return llama_print_system_info();
+    std::string out = llama_print_system_info();
+    out += "| CPU extra buffer types = ";
+    const std::vector<std::string> bufts = cpu_extra_buffer_types();
+    for (size_t i = 0; i < bufts.size(); ++i) {
+        out += (i ? "," : "") + bufts[i];
+    }
+    out += bufts.empty() ? "none |" : " |";
+    return out;
+}
+
+std::vector<std::string> cpu_extra_buffer_types() {
+    std::vector<std::string> out;
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (dev == nullptr) {
+        return out;
+    }
+    // the registry's way to reach a backend's extras (what llama.cpp's loader uses)
+    auto get = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
+        ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
+    if (get == nullptr) {
+        return out;
+    }
+    for (ggml_backend_buffer_type_t * b = get(dev); b != nullptr && *b != nullptr; ++b) {
+        out.emplace_back(ggml_backend_buft_name(*b));
+    }
+    return out;
+}
+
+bool build_cpu_amx() {
+    return PYMOE_CPU_AMX != 0;
 }
 
 }  // namespace pymoe

@@ -38,6 +38,19 @@ std::string meta_string(const llama_model * m, const std::string & key) {
     return n < 0 ? std::string() : std::string(buf);
 }
 
+// llama.cpp's vocabulary code looks tokens up with .at(): a vocabulary that
+// lacks what its tokenizer expects (an SPM vocabulary without its byte
+// tokens, a byte token with a malformed text) throws std::out_of_range, which
+// is a broken file, not a caller's bad index
+template <typename F> auto with_vocab(const char * what, F && f) -> decltype(f()) {
+    try {
+        return f();
+    } catch (const std::out_of_range & e) {
+        throw std::runtime_error(std::string("the model's vocabulary cannot ") + what + " (" + e.what() +
+                                 "); hint: the vocabulary in the file is broken; convert or download the model again");
+    }
+}
+
 int32_t meta_int(const llama_model * m, const std::string & key) {
     const std::string v = meta_string(m, key);
     return v.empty() ? 0 : (int32_t) std::stol(v);
@@ -60,6 +73,10 @@ model::model(const model_params & params) : params_(params) {
     if (params.n_batch < 1 || params.n_ubatch < 1 || params.n_seq_max < 1 || params.n_ctx < 0) {
         throw std::invalid_argument("model '" + params.path +
                                     "': n_batch, n_ubatch and n_seq_max must be >= 1 and n_ctx >= 0");
+    }
+    gguf_validate(params.path);  // what llama.cpp would abort on instead of throwing
+    if (params.offload.enabled && !params.offload.lo_path.empty()) {
+        gguf_validate(params.offload.lo_path);  // the sidecar's weight types too
     }
 
     llama_model_params mp = llama_model_default_params();
@@ -183,15 +200,19 @@ model::~model() = default;
 
 std::vector<int32_t> model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
     std::vector<int32_t> out(text.size() + 8);
-    int32_t n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(),
-                               add_special, parse_special);
+    int32_t              n = with_vocab("tokenize this text", [&] {
+        return llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(),
+                              add_special, parse_special);
+    });
     if (n == INT32_MIN) {
         throw std::invalid_argument("text of " + std::to_string(text.size()) + " bytes is too long to tokenize");
     }
     if (n < 0) {
         out.resize((size_t) -n);
-        n = llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_special,
-                           parse_special);
+        n = with_vocab("tokenize this text", [&] {
+            return llama_tokenize(vocab_, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(),
+                                  add_special, parse_special);
+        });
     }
     out.resize((size_t) std::max(n, 0));
     return out;
@@ -199,29 +220,33 @@ std::vector<int32_t> model::tokenize(const std::string & text, bool add_special,
 
 std::string model::detokenize(const std::vector<int32_t> & tokens, bool remove_special, bool unparse_special) const {
     check_tokens(tokens.data(), (int32_t) tokens.size());
-    std::string out(tokens.size() * 8 + 16, '\0');
-    int32_t     n = llama_detokenize(vocab_, tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(),
+    return with_vocab("turn these tokens into text", [&] {
+        std::string out(tokens.size() * 8 + 16, '\0');
+        int32_t n = llama_detokenize(vocab_, tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(),
                                      remove_special, unparse_special);
-    if (n < 0) {
-        out.resize((size_t) -n);
-        n = llama_detokenize(vocab_, tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(),
-                             remove_special, unparse_special);
-    }
-    out.resize((size_t) std::max(n, 0));
-    return out;
+        if (n < 0) {
+            out.resize((size_t) -n);
+            n = llama_detokenize(vocab_, tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(),
+                                 remove_special, unparse_special);
+        }
+        out.resize((size_t) std::max(n, 0));
+        return out;
+    });
 }
 
 std::string model::token_to_piece(int32_t token, bool special) const {
     check_tokens(&token, 1);
-    char    buf[256];
-    int32_t n = llama_token_to_piece(vocab_, token, buf, sizeof(buf), 0, special);
-    if (n >= 0) {
-        return std::string(buf, (size_t) n);
-    }
-    std::string out((size_t) -n, '\0');
-    n = llama_token_to_piece(vocab_, token, out.data(), (int32_t) out.size(), 0, special);
-    out.resize((size_t) std::max(n, 0));
-    return out;
+    return with_vocab("turn this token into text", [&] {
+        char    buf[256];
+        int32_t n = llama_token_to_piece(vocab_, token, buf, sizeof(buf), 0, special);
+        if (n >= 0) {
+            return std::string(buf, (size_t) n);
+        }
+        std::string out((size_t) -n, '\0');
+        n = llama_token_to_piece(vocab_, token, out.data(), (int32_t) out.size(), 0, special);
+        out.resize((size_t) std::max(n, 0));
+        return out;
+    });
 }
 
 bool model::token_is_eog(int32_t token) const {

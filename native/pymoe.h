@@ -3,6 +3,7 @@
 // One concern per source file:
 //   pymoe-log.cpp      llama.cpp/ggml log routing, recent errors for exception messages
 //   pymoe-gguf.cpp     reading a GGUF's metadata and tensor table without loading it
+//   pymoe-validate.cpp what a GGUF's metadata and tensor types could make llama.cpp abort on
 //   pymoe-model.cpp    a loaded model and its context: vocab, decode, logits, chat template
 //   pymoe-sampler.cpp  llama.cpp's sampler chain
 //   pymoe-quant.cpp    ggml's quantisers and dequantisers over threads
@@ -52,9 +53,15 @@ int  log_get_level();
 std::string log_take_errors();
 void        log_clear_errors();
 
-// llama.cpp's own build (the pinned upstream commit) and system info.
+// llama.cpp's own build (the pinned upstream commit) and system info (its
+// feature line, then the CPU's extra buffer types).
 std::string llama_commit();
 std::string system_info();
+// The CPU device's extra buffer types: where llama.cpp may repack weights for
+// faster kernels ("CPU_REPACK"; "AMX" only in a build with PYMOE_CPU_AMX=ON).
+std::vector<std::string> cpu_extra_buffer_types();
+// Whether this build allowed ggml's AMX repacking (cmake/pymoe-cpu-amx.cmake).
+bool build_cpu_amx();
 
 //
 // platform (pymoe-platform.cpp: the only file that calls the OS for files, mappings and memory)
@@ -131,6 +138,25 @@ struct gguf_info {
 // Reads the header of a GGUF file. Throws std::runtime_error on a file that is
 // not a valid GGUF or whose tensor data lies beyond the end of the file.
 gguf_info gguf_read_info(const std::string & path, uint64_t max_array = 64);
+
+//
+// gguf validation (before llama.cpp sees a file)
+//
+
+// What in a GGUF would make llama.cpp abort the process (a GGML_ASSERT in its
+// loader, vocabulary or graph build) or crash the first decode (a weight type
+// the CPU kernels reading it do not handle) instead of failing to load: one
+// message per problem, naming the key or tensor; empty when none is found.
+// A pymoe sidecar gets the tensor-type checks only. Throws like gguf_read_info
+// for a file that is not a complete GGUF.
+std::vector<std::string> gguf_problems(const std::string & path);
+// Throws std::runtime_error naming the problems (with a hint) when there are any.
+void                     gguf_validate(const std::string & path);
+// gguf_validate, then llama.cpp's loader as a dry run: hyperparameters,
+// vocabulary and every tensor's name, shape and type checked, no weight read
+// or allocated (the data may be a hole in a sparse file: `pymoe convert`
+// checks its header before it writes the weights). Throws with llama.cpp's reason.
+void                     gguf_check_loadable(const std::string & path);
 
 //
 // ggml types and quantisation

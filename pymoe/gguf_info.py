@@ -127,6 +127,14 @@ def read_header(path: str | os.PathLike[str], max_array: int = 64) -> dict[str, 
     return _core.read_gguf(str(p), max_array)
 
 
+def load_problems(path: str | os.PathLike[str]) -> list[str]:
+    """What in the file would make llama.cpp abort (or crash at the first
+    decode) instead of failing to load, one message each; empty when nothing
+    is found. The same native check runs when a model is loaded
+    (native/pymoe-validate.cpp), which then raises with these messages."""
+    return list(_core.gguf_problems(str(check_gguf_path(path))))
+
+
 def summarize(path: str | os.PathLike[str]) -> GGUFSummary:
     header = read_header(path)
     meta: dict[str, Any] = header["metadata"]

@@ -1,11 +1,14 @@
 """`pymoe info`: what a GGUF file holds, read from its header (no weights are
 loaded): architecture, expert counts, and bytes by quant type split into
-expert and non-expert weights."""
+expert and non-expert weights; and whether llama.cpp can load it (the checks
+a model load runs first: metadata llama.cpp would abort on, weight types the
+CPU cannot compute with). Exits 1 when it cannot."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import numpy as np
 from . import _core
 from . import settings as settings_mod
 from ._units import format_bytes
-from .gguf_info import GGUFSummary, summarize
+from .gguf_info import GGUFSummary, load_problems, summarize
 from .offload import auto_budget
 from .settings import Settings
 
@@ -183,17 +186,29 @@ def group_pools(pools: list[dict]) -> list[tuple[list[int], dict]]:
     return out
 
 
+def cpu_note() -> str:
+    """The CPU's extra buffer types (where llama.cpp repacks weights) and the AMX build setting."""
+    bufts = ", ".join(_core.cpu_extra_buffer_types()) or "none"
+    amx = "on" if _core.build_cpu_amx() else "off (build option PYMOE_CPU_AMX)"
+    return f"repacking into {bufts}; AMX {amx}"
+
+
 def main(args: argparse.Namespace) -> int:
     s = summarize(args.model)
-    split = memory_plan(args.model, settings_mod.from_args(args)) if args.expert_budget is not None else None
+    problems = load_problems(args.model)
+    split = None
+    if args.expert_budget is not None and not problems:  # no plan for a file the engine would refuse
+        split = memory_plan(args.model, settings_mod.from_args(args))
     if args.json:
         d = s.as_dict()
+        d["problems"] = problems
+        d["cpu_extra_buffer_types"] = _core.cpu_extra_buffer_types()
         if args.tensors:
             d["tensors"] = [t.__dict__ for t in s.tensors]
         if split:
             d["expert_budget"] = split
         print(json.dumps(d, indent=2, default=str))
-        return 0
+        return 1 if problems else 0
     total = s.expert_bytes + s.other_bytes
     print(f"file          {s.path} ({format_bytes(s.file_size)})")
     print(f"name          {s.name or '-'}")
@@ -246,4 +261,14 @@ def main(args: argparse.Namespace) -> int:
         for t in s.tensors:
             flag = "E" if t.is_expert else " "
             print(f"{flag} {t.name:<40} {t.type:<8} {list(t.shape)!s:<24} {format_bytes(t.nbytes):>12}")
+    print()
+    print(f"cpu           {cpu_note()}")
+    if problems:
+        for p in problems:
+            print(f"error: '{s.path}' cannot be loaded: {p}", file=sys.stderr)
+        print(
+            "hint: the file's metadata or tensor types are corrupt or inconsistent; convert or download it again",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -7,8 +7,13 @@
 # deprecated no-op; OpenSSL is off instead); ~4 minutes on 2 cores.
 # Re-running rebuilds what changed.
 #
+# ggml's AMX weight repacking is left out as in pymoe's own build (it crashes
+# at the first decode with this llama.cpp; cmake/pymoe-cpu-amx.cmake says why),
+# so that `pymoe bench --vs-llama-cpp` compares like with like.
+#
 # Usage: tools/build_llama_tools.sh [more cmake targets ...]
-#   JOBS=N   parallel jobs (default: the number of CPUs)
+#   JOBS=N             parallel jobs (default: the number of CPUs)
+#   PYMOE_CPU_AMX=ON   build AMX in, as pymoe built with -DPYMOE_CPU_AMX=ON
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +35,9 @@ cmake -S "$src" -B "$out" \
     -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_BUILD_APP=OFF \
-    -DBUILD_SHARED_LIBS=OFF
+    -DBUILD_SHARED_LIBS=OFF \
+    -DCMAKE_PROJECT_INCLUDE="$root/cmake/pymoe-cpu-amx.cmake" \
+    -DPYMOE_CPU_AMX="${PYMOE_CPU_AMX:-OFF}" \
+    -DCMAKE_EXPORT_COMPILE_COMMANDS=ON
 cmake --build "$out" --config Release -j "$jobs" --target llama-quantize llama-bench "$@"
 echo "built: $(ls "$out/bin" | tr '\n' ' ')"

@@ -68,8 +68,10 @@ if has ops; then
     t0=$(now)
     cmake -S third_party/llama.cpp -B build/gpu-ops -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" \
         -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PROJECT_INCLUDE="$root/cmake/pymoe-cpu-amx.cmake" -DPYMOE_CPU_AMX="${PYMOE_CPU_AMX:-OFF}" \
         > "$out/ops-build.log" 2>&1
-    # llama-bench too: the bench stage's baseline (tools/gpu_bench.py --llama-bench)
+    # llama-bench too: the bench stage's baseline (tools/gpu_bench.py --llama-bench), with pymoe's AMX
+    # setting (cmake/pymoe-cpu-amx.cmake: AMX repacking segfaults; the comparison needs the same CPU code)
     cmake --build build/gpu-ops --target test-backend-ops llama-bench -j "$(nproc)" >> "$out/ops-build.log" 2>&1
     ops_rc=0
     for op in MUL_MAT_ID ADD_ID; do

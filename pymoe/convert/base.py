@@ -43,6 +43,20 @@ EXPERT_PROJ = {
 _SKIP = re.compile(r"(\.rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
+# config.json sizes the converters write, with the smallest value each may
+# take; the largest is what a GGUF u32 and ggml's int32 dimensions hold
+_SIZES: dict[str, int] = {
+    "hidden_size": 1, "num_hidden_layers": 1, "n_layers": 1, "num_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "intermediate_size": 1, "moe_intermediate_size": 1,
+    "shared_expert_intermediate_size": 0, "num_local_experts": 1, "num_experts": 1, "n_routed_experts": 1,
+    "num_experts_per_tok": 1, "num_experts_per_token": 1, "moe_topk": 1, "vocab_size": 1,
+    "max_position_embeddings": 1, "n_positions": 1, "head_dim": 1, "kv_lora_rank": 1, "q_lora_rank": 1,
+    "qk_rope_head_dim": 1, "qk_nope_head_dim": 0, "v_head_dim": 1, "n_shared_experts": 0,
+    "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "sliding_window": 0, "num_nextn_predict_layers": 0,
+}  # fmt: skip
+_MAX_SIZE = 2**31 - 1
+MAX_LAYERS, MAX_EXPERTS = 512, 1024  # llama.cpp's LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS
+
 
 @dataclass
 class TensorPlan:
@@ -142,14 +156,48 @@ class MoEConverter:
         self.ckpt = checkpoint
         config = checkpoint.config
         # multimodal wrappers keep the language model's settings in text_config
-        self.hparams: dict[str, Any] = {**config, **config.get("text_config", {})}
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        self.hparams: dict[str, Any] = {**config, **text}
         self.arch_name: str = gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+        self.check_config()
         self.block_count = int(self.hparam("num_hidden_layers", "n_layers", "num_layers"))
         self.n_expert = int(self.hparam("num_local_experts", "num_experts", "n_routed_experts"))
+        n_used = int(self.hparam("num_experts_per_tok", "num_experts_per_token", "moe_topk"))
+        if self.block_count > MAX_LAYERS or self.n_expert > MAX_EXPERTS:
+            raise self.config_error(
+                f"says {self.block_count} layers and {self.n_expert} experts; llama.cpp runs at most "
+                f"{MAX_LAYERS} layers of at most {MAX_EXPERTS} experts"
+            )
+        if n_used > self.n_expert:
+            raise self.config_error(
+                f"says each token uses {n_used} experts (num_experts_per_tok) of {self.n_expert}; it cannot use more "
+                "than there are"
+            )
         self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.block_count)
         self.skipped: list[str] = []
 
     # ------------------------------------------------------------------ settings
+
+    def config_error(self, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"config.json of '{self.ckpt.label}' {what}; hint: config.json does not describe this checkpoint "
+            "(use the one that came with the weights)"
+        )
+
+    def check_config(self) -> None:
+        """Sizes are whole numbers in range and epsilons are not negative,
+        before anything is derived from them (a GGUF stores them as u32)."""
+        for key, smallest in _SIZES.items():
+            v = self.hparams.get(key)
+            if v is None:
+                continue
+            whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+            if isinstance(v, bool) or not whole or not smallest <= v <= _MAX_SIZE:
+                raise self.config_error(f"sets {key} to {v!r}; it must be a whole number, {smallest} to {_MAX_SIZE}")
+        for key in ("rms_norm_eps", "layer_norm_eps", "rope_theta"):
+            v = self.hparams.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+                raise self.config_error(f"sets {key} to {v!r}; it must be a finite number >= 0")
 
     def hparam(self, *keys: str, default: Any = KeyError) -> Any:
         for k in keys:
@@ -273,7 +321,10 @@ class MoEConverter:
         for (layer, proj), by_expert in sorted(groups.items()):
             missing = [e for e in range(self.n_expert) if e not in by_expert]
             if missing:
-                example = next(iter(by_expert.values())).replace(f".{min(by_expert)}.", f".{missing[0]}.", 1)
+                first = by_expert[min(by_expert)]
+                m = self.expert_pattern.match(first)
+                assert m is not None
+                example = first[: m.start("expert")] + str(missing[0]) + first[m.end("expert") :]
                 raise CheckpointError(
                     f"expert tensor '{example}' is missing: layer {layer} has {len(by_expert)} of {self.n_expert} "
                     f"'{proj}' experts, so they cannot be merged; hint: the checkpoint is incomplete"
@@ -322,6 +373,13 @@ class MoEConverter:
                 self.skipped.append(name)
             else:
                 tensors[name] = ref
+        layers = {int(m.group(1)) for n in self.skipped if (m := _LAYER.match(n))}
+        mtp = int(self.hparams.get("num_nextn_predict_layers") or 0)  # DeepSeek-V3's extra layers, not run
+        beyond = sorted(n for n in layers if n >= self.block_count + mtp)
+        if beyond:
+            raise self.config_error(
+                f"says {self.block_count} layers (num_hidden_layers), but the checkpoint has layer {beyond[-1]}"
+            )
         plans = self.expert_plans(tensors)
         for name, ref in tensors.items():
             plans += self.plan_tensor(name, ref)

@@ -10,6 +10,7 @@ the size of the tensor being converted; bf16 becomes float32 exactly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "BF16": np.dtype("<u2"),  # stored as the upper 16 bits of a float32
 }
 _MAX_HEADER = 100 << 20
+# bytes per element of every safetensors dtype (the converter reads only the float ones)
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "I16": 2, "F16": 2,
+             "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -92,12 +96,22 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = (int(x) for x in info["data_offsets"])
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            dtype = str(info["dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"'{path}': the header entry of tensor '{name}' is malformed ({e})") from e
         if base + end > size:
             raise CheckpointError(f"'{path}' is truncated: tensor '{name}' ends past the end of the file")
-        out[name] = TensorRef(
-            name, path, str(info["dtype"]), tuple(int(d) for d in info["shape"]), base + begin, end - begin
-        )
+        if begin < 0 or end < begin or any(d < 0 for d in shape):
+            raise CheckpointError(f"'{path}': tensor '{name}' has offsets {begin}..{end} and shape {list(shape)}")
+        if dtype in _ITEMSIZE and end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise CheckpointError(
+                f"'{path}': tensor '{name}' holds {end - begin} bytes, but {dtype} values of shape {list(shape)} take "
+                f"{math.prod(shape) * _ITEMSIZE[dtype]}; hint: the file is corrupt; download it again"
+            )
+        out[name] = TensorRef(name, path, dtype, shape, base + begin, end - begin)
     return out
 
 

@@ -21,7 +21,7 @@ from .._atomic import atomic_output, check_output_path
 from ..gguf_info import EXPERT_TENSOR, check_gguf_path
 from . import hub, qtypes
 from .base import MoEConverter, TensorPlan, converter_class
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, CheckpointError
 from .vocab import load_vocab
 from .writer import GGUFStream, OutputTensor, Progress, patch_header, write_tensors
 
@@ -117,6 +117,25 @@ def _sidecar_writer(
     return w
 
 
+def check_header_loads(path: Path, label: str) -> None:
+    """llama.cpp's loader, dry, on a GGUF whose header is written and whose
+    data is not yet (`GGUFStream.reserve`): hyperparameters, vocabulary and
+    every tensor's name and shape as llama.cpp checks them. What it would not
+    load is refused before a weight is written."""
+    try:
+        _core.check_loadable(str(path))
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        reason = first.split(" cannot be loaded: ", 1)[-1]  # pymoe's checks
+        for line in str(e).splitlines():  # llama.cpp's loader
+            if "error loading model: " in line:
+                reason = line.split("error loading model: ", 1)[1]
+        raise CheckpointError(
+            f"'{label}' would convert to a GGUF that llama.cpp cannot load: {reason}; hint: config.json (or the "
+            "tokenizer) does not describe the checkpoint's tensors; use the files that came with the weights"
+        ) from e
+
+
 def _sidecar_tensors(outputs: list[OutputTensor]) -> list[tuple[str, tuple[int, ...], str, int]]:
     return [(o.plan.name, o.plan.shape, o.lo.type, o.lo_nbytes) for o in outputs if o.lo is not None]
 
@@ -185,6 +204,8 @@ def convert(
         stack.callback(main.release)
         w.add_size_label(gguf.size_label(*w.get_total_parameter_count()))
         main.open()
+        main.reserve()
+        check_header_loads(tmp_main, label)
         side = None
         if tmp_side is not None and side_path is not None and lo_type is not None:
             meta = {key: v.value for key, v in w.kv_data[0].items()}  # what the main file says

@@ -10,8 +10,10 @@ appended. Memory stays near a few row blocks, whatever the model's size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
+import shutil
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -81,24 +83,58 @@ class GGUFStream:
         for name, shape, type_name, nbytes in tensors:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=gguf_type(type_name))
         self.header_end = 0
+        self.data_start = 0
         self.index = 0
         self.written = 0
 
     def open(self) -> GGUFStream:
         """Writes header, metadata and tensor table; data follows with `write`."""
         writer, path = self.writer, self.path
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        self.f: IO[bytes] = writer.fout[0]
-        self.header_end = self.f.tell()
-        writer.write_padding(self.f, self.f.tell())
+        with self._disk_full_named():
+            writer.write_header_to_file(path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            assert writer.fout is not None
+            self.f: IO[bytes] = writer.fout[0]
+            self.header_end = self.f.tell()
+            writer.write_padding(self.f, self.f.tell())
+            self.data_start = self.f.tell()
         return self
 
+    @property
+    def size(self) -> int:
+        """The file's size once complete: the header, then each tensor padded to the alignment."""
+        align = self.writer.data_alignment
+        return self.data_start + sum(n + (-n % align) for _, n in self.expected)
+
+    def reserve(self) -> None:
+        """Extends the file to its final size now (a hole where the data will
+        go, on filesystems with sparse files), so that llama.cpp's loader can
+        check the header before any weight is written (`_core.check_loadable`)."""
+        self.f.flush()
+        os.truncate(self.path, self.size)
+
     def write(self, data: np.ndarray) -> None:
-        np.ascontiguousarray(data).tofile(self.f)
+        with self._disk_full_named():
+            self.f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
         self.written += data.nbytes
+
+    @contextlib.contextmanager
+    def _disk_full_named(self) -> Iterator[None]:
+        """A failed write says what it means: numpy and Python report a full
+        disk as "5632 requested and 864 written" or a bare errno."""
+        try:
+            yield
+        except OSError as e:
+            free = shutil.disk_usage(self.path.parent).free
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) and free > 1 << 20:
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"the disk is full: writing '{self.path.name}' in '{self.path.parent}' failed with "
+                f"{free} bytes free ({e.strerror or e}); hint: free some space, or write the output to "
+                "another disk with -o (and --sidecar)",
+            ) from e
 
     def end_tensor(self) -> None:
         name, nbytes = self.expected[self.index]
@@ -106,20 +142,24 @@ class GGUFStream:
             raise RuntimeError(
                 f"{self.path.name}: tensor '{name}' came out {self.written} bytes, its table says {nbytes}"
             )
-        self.writer.write_padding(self.f, nbytes)
+        with self._disk_full_named():
+            self.writer.write_padding(self.f, nbytes)
         self.index += 1
         self.written = 0
 
     def release(self) -> None:
-        """Closes the file without checks (after a failure; idempotent)."""
-        self.writer.close()
+        """Closes the file without checks (after a failure; idempotent): what
+        is still buffered may not fit a full disk, and the first error is the one to report."""
+        with contextlib.suppress(OSError):
+            self.writer.close()
 
     def close(self) -> None:
         if self.index != len(self.expected):
             raise RuntimeError(f"{self.path.name}: {len(self.expected) - self.index} tensor(s) were not written")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.writer.close()
+        with self._disk_full_named():
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.writer.close()
 
 
 def patch_header(path: Path, header_end: int, placeholder: str, value: str) -> None:
