@@ -5,6 +5,7 @@
 //   pymoe-gguf.cpp     reading a GGUF's metadata and tensor table without loading it
 //   pymoe-validate.cpp what a GGUF's metadata and tensor types could make llama.cpp abort on
 //   pymoe-model.cpp    a loaded model and its context: vocab, decode, logits, chat template
+//   pymoe-devices.cpp  ggml's devices: the list, RPC servers (connect, serve), which layer runs where
 //   pymoe-sampler.cpp  llama.cpp's sampler chain
 //   pymoe-quant.cpp    ggml's quantisers and dequantisers over threads
 //   pymoe-platform.*   the OS: uncached reads, page-cache and mapping advice, available memory
@@ -12,9 +13,13 @@
 //
 // The expert-offload engine (internal headers, included by the engine files only):
 //   pymoe-expert-store.*  where each expert's bytes live (file offsets, mapped host tensors) and reading them
-//   pymoe-policy.*        eviction policies: LRU, LFU, LRFU, multidim, static hot set, Belady (pure functions)
+//   pymoe-policy.*        eviction policies: LRU, LFU, LRFU, multidim, markov, static hot set, Belady (pure)
 //   pymoe-expert-cache.*  slot pools in the fast tier, the (layer, expert) -> slot map, a byte budget
 //   pymoe-planner.*       the per-layer plan: hit / load into a slot / run from the model's tensors (pure)
+//   pymoe-step.*          one MoE layer's step: the planner, background admission and skipping, shared
+//                         by the engine and the simulator
+//   pymoe-loader.*        the background loader: reads and device uploads off the critical path, with events
+//   pymoe-calibrate.cpp   the engine's cost model measured at its first sync point (link, disk, CPU, device)
 //   pymoe-prefetch.*      predicting the next layers' experts, background loads, what predictions got right
 //   pymoe-engine.*        ties them together per MoE layer at the router's sync point; stats
 //   pymoe-hook.cpp        the llama_moe_hook that builds the expert branches (the only file with llama internals)
