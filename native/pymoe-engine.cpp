@@ -748,30 +748,9 @@ void engine::reset_stats() {
 
 std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, uint64_t * planned_bytes,
                                     bool per_layer) {
-    const gguf_info info = gguf_read_info(path, 0);
-    std::string     arch;
-    int64_t         n_layer = 0, n_expert = 0;
-    for (const auto & [key, v] : info.kv) {
-        if (key == "general.architecture") {
-            arch = std::get<std::string>(v.scalar);
-        }
-    }
-    for (const auto & [key, v] : info.kv) {
-        auto as_int = [&]() -> int64_t {
-            if (auto * u = std::get_if<uint64_t>(&v.scalar)) {
-                return (int64_t) *u;
-            }
-            if (auto * i = std::get_if<int64_t>(&v.scalar)) {
-                return *i;
-            }
-            return 0;
-        };
-        if (key == arch + ".block_count") {
-            n_layer = as_int();
-        } else if (key == arch + ".expert_count") {
-            n_expert = as_int();
-        }
-    }
+    const gguf_moe_counts counts   = gguf_read_moe_counts(gguf_read_info(path, 0));
+    const int64_t         n_layer  = counts.n_layer;
+    const int64_t         n_expert = counts.n_expert;
     if (n_expert <= 0) {
         throw std::invalid_argument("'" + path + "' has no routed experts; hint: offloading is for MoE models");
     }

@@ -356,22 +356,9 @@ double expert_store::measure_read_bandwidth(uint64_t max_bytes) {
 }
 
 std::vector<std::string> expert_read(const std::string & path, int32_t il, int32_t e, bool direct_io) {
-    const gguf_info info = gguf_read_info(path, 0);
-    std::string     arch;
-    int64_t         n_layer = 0, n_expert = 0;
-    for (const auto & [key, v] : info.kv) {
-        if (key == "general.architecture" && std::holds_alternative<std::string>(v.scalar)) {
-            arch = std::get<std::string>(v.scalar);
-        }
-    }
-    for (const auto & [key, v] : info.kv) {
-        const auto * u = std::get_if<uint64_t>(&v.scalar);
-        if (u && key == arch + ".block_count") {
-            n_layer = (int64_t) *u;
-        } else if (u && key == arch + ".expert_count") {
-            n_expert = (int64_t) *u;
-        }
-    }
+    const gguf_moe_counts counts   = gguf_read_moe_counts(gguf_read_info(path, 0));
+    const int64_t         n_layer  = counts.n_layer;
+    const int64_t         n_expert = counts.n_expert;
     expert_store         store(path, (int32_t) n_layer, (int32_t) n_expert, direct_io, 1);
     const expert_layer * l = store.layer(il);
     if (!l || e < 0 || e >= n_expert) {

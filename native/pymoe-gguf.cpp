@@ -136,4 +136,30 @@ gguf_info gguf_read_info(const std::string & path, uint64_t max_array) {
     return info;
 }
 
+gguf_moe_counts gguf_read_moe_counts(const gguf_info & info) {
+    gguf_moe_counts c;
+    for (const auto & kv : info.kv) {
+        if (kv.first == "general.architecture" && std::holds_alternative<std::string>(kv.second.scalar)) {
+            c.arch = std::get<std::string>(kv.second.scalar);
+        }
+    }
+    auto as_int = [](const gguf_scalar & v) -> int64_t {
+        if (const auto * u = std::get_if<uint64_t>(&v)) {
+            return (int64_t) *u;
+        }
+        if (const auto * i = std::get_if<int64_t>(&v)) {
+            return *i;
+        }
+        return 0;
+    };
+    for (const auto & kv : info.kv) {
+        if (kv.first == c.arch + ".block_count") {
+            c.n_layer = as_int(kv.second.scalar);
+        } else if (kv.first == c.arch + ".expert_count") {
+            c.n_expert = as_int(kv.second.scalar);
+        }
+    }
+    return c;
+}
+
 }  // namespace pymoe

@@ -144,6 +144,15 @@ struct gguf_info {
 // not a valid GGUF or whose tensor data lies beyond the end of the file.
 gguf_info gguf_read_info(const std::string & path, uint64_t max_array = 64);
 
+// The architecture and the counts the expert engine sizes itself by, from the
+// header's `ARCH.block_count` / `ARCH.expert_count` (any integer type; 0 when absent).
+struct gguf_moe_counts {
+    std::string arch;
+    int64_t     n_layer  = 0;
+    int64_t     n_expert = 0;
+};
+gguf_moe_counts gguf_read_moe_counts(const gguf_info & info);
+
 //
 // gguf validation (before llama.cpp sees a file)
 //
