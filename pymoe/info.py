@@ -138,6 +138,8 @@ def memory_plan(path: str, settings: Settings) -> dict:
             target = host if dev is None else per_dev[dev]
             if il not in target["layers"]:  # a layer has a pool and maybe a low-precision one
                 target["layers"].append(il)
+            # exact for a pool per layer; a shared pool's slots are counted in proportion to its
+            # layers (the engine gives each device's layers a class of their own, within a slot)
             target["pool_bytes"] += pool["n_slots"] * pool["slot_bytes"] // len(pool["layers"])
     for target in (*per_dev, host):
         n_moe = len([il for il in target["layers"] if il in moe])
