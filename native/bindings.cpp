@@ -230,6 +230,8 @@ PYBIND11_MODULE(_core, mod) {
         },
         py::arg("path"), py::arg("layer"), py::arg("expert"), py::arg("direct_io") = true,
         "Reads one expert as a slot load does: each projection's bytes (gate, up, down or gate_up, down).");
+    mod.def("stream_ring_bytes", &pymoe::stream_ring_bytes, py::arg("path"),
+            "Bytes of the disk tier's stream ring (the direct branch's read-ahead buffers) for this model.");
     mod.def("io_fault", &pymoe::io_fault_set, py::arg("kind"), py::arg("nth"), py::arg("count") = 1,
             "Tests: read requests nth .. nth+count-1 from now fail (kind: eio, short, eintr, partial).");
     mod.def("io_fault_clear", &pymoe::io_fault_clear);
@@ -529,6 +531,7 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("cpu_assist", &pymoe::offload_params::cpu_assist)
         .def_readwrite("direct_io", &pymoe::offload_params::direct_io)
         .def_readwrite("io_threads", &pymoe::offload_params::io_threads)
+        .def_readwrite("stream", &pymoe::offload_params::stream)
         .def_readwrite("lo_path", &pymoe::offload_params::lo_path)
         .def_readwrite("lo_share", &pymoe::offload_params::lo_share)
         .def_readwrite("lo_threshold", &pymoe::offload_params::lo_threshold)

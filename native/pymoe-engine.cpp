@@ -83,6 +83,9 @@ engine::engine(const std::string & path, const offload_params & params, int32_t 
     }
     store_ = std::make_unique<expert_store>(path, n_layer, n_expert, params.direct_io, params.io_threads,
                                             params.tier == "host");
+    if (params.tier == "disk" && params.stream) {
+        stream_ = std::make_unique<expert_stream>(*store_, params.io_threads, k_stream_ring_bytes);
+    }
     const multidim_weights mw{ params.w_recency, params.w_frequency, params.w_precision };
     uint64_t budget_hi = params.budget;
     if (!params.lo_path.empty()) {
@@ -371,7 +374,35 @@ void engine::write_plan(int32_t il, int64_t n_pairs) {
     }
 }
 
+void engine::stream_layer(int32_t il, int64_t n_tokens) {
+    // a batch a device offloads (op_offload) computes the direct branch there, from the mapping
+    if (!stream_ || (cost_.offload_min_batch > 0 && n_tokens >= cost_.offload_min_batch)) {
+        return;
+    }
+    direct_experts_.clear();
+    for (int32_t e : ids_direct_) {
+        if (e >= 0) {
+            direct_experts_.push_back(e);
+        }
+    }
+    stream_->begin_layer(il, direct_experts_);
+}
+
+void engine::finish_stream() {
+    if (!stream_) {
+        return;
+    }
+    const expert_stream::layer_result r = stream_->end_layer();
+    if (r.il >= 0) {
+        std::lock_guard<std::mutex> lock(stats_mutex_);
+        layer_stats_[r.il].bytes_streamed += r.bytes;
+        layer_stats_[r.il].stream_wait_seconds += r.wait_seconds;
+        layer_stats_[r.il].stream_fallbacks += r.fallbacks;
+    }
+}
+
 void engine::release_direct() {
+    finish_stream();
     if (release_direct_) {
         for (const auto & [il, e] : pending_release_) {
             store_->release(il, e);
@@ -489,6 +520,7 @@ void engine::on_route(int32_t il) {
         ls.direct_pairs = (uint64_t) n_pairs;
     }
     write_plan(il, n_pairs);
+    stream_layer(il, n_tokens);
 
     ls.steps        = 1;
     ls.pairs        = (uint64_t) n_pairs;
@@ -583,8 +615,8 @@ void engine::plan_step(int32_t il, int64_t n_used, int64_t n_tokens, uint64_t st
             default:
                 ++ls.direct;
                 ls.bytes_direct += layer.expert_bytes;
-                if (release_direct_) {
-                    store_->advise_willneed(il, e);
+                if (release_direct_ && !stream_) {
+                    store_->advise_willneed(il, e);  // the stream reads it otherwise
                 }
                 pending_release_.emplace_back(il, e);
                 break;
@@ -697,9 +729,10 @@ offload_stats engine::stats() const {
     for (const auto & b : ids_buf_) {
         s.ids_bytes += ggml_backend_buffer_get_size(b.get());
     }
-    // one 8 MiB read (plus alignment slack) per io thread: the stores', and the background loader's
+    // one 8 MiB read (plus alignment slack) per io thread: the stores', and the background loader's;
+    // and the stream's ring
     const int io = params_.io_threads * (store_lo_ ? 2 : 1) + (loader_ ? std::max(1, params_.io_threads / 2) : 0);
-    s.bounce_bytes      = (uint64_t) io * ((8ull << 20) + 8192);
+    s.bounce_bytes      = (uint64_t) io * ((8ull << 20) + 8192) + (stream_ ? stream_->memory_bytes() : 0);
     s.router_copy_bytes = prefetcher_ ? prefetcher_->predictor().copied_bytes() : 0;
     for (size_t i = 0; i < layer_buft_.size(); ++i) {
         const std::string name = ggml_backend_buft_name(layer_buft_[i]);

@@ -19,6 +19,7 @@
 #include "pymoe-prefetch.h"
 #include "pymoe-recorder.h"
 #include "pymoe-step.h"
+#include "pymoe-stream.h"
 #include "pymoe.h"
 
 #include "ggml-backend.h"
@@ -132,6 +133,8 @@ class engine {
     void read_input(const ggml_tensor * t, std::vector<float> & out) const;
     void write_plan(int32_t il, int64_t n_pairs);
     void release_direct();
+    void stream_layer(int32_t il, int64_t n_tokens);  // the stream reads this layer's direct experts
+    void finish_stream();           // and is done with the previous layer's
 
     offload_params                  params_;
     int32_t                         n_layer_;
@@ -144,6 +147,7 @@ class engine {
     std::unique_ptr<expert_cache>   cache_;
     std::unique_ptr<expert_store>   store_lo_;   // the sidecar
     std::unique_ptr<expert_cache>   cache_lo_;
+    std::unique_ptr<expert_stream>  stream_;     // disk tier: the direct branch's experts, read ahead of the CPU
     std::vector<ggml_backend_ptr>   upload_backends_;  // the engine's own instance of each device holding pools
     std::unique_ptr<async_loader>   loader_;           // background loads: prefetching and admission
     pending_slots                   pending_;          // slots those loads are filling
@@ -184,6 +188,7 @@ class engine {
     std::vector<int32_t> ids_pool_, ids_pool_b_, ids_lo_, ids_lo_b_, ids_direct_;
     std::vector<float>   skip_scale_;
     std::vector<int32_t> chosen_;
+    std::vector<int32_t> direct_experts_;
 
     mutable std::mutex       stats_mutex_;
     mutable std::mutex       cache_mutex_;  // the caches' use counters: written while planning, read by stats()

@@ -226,6 +226,15 @@ void expert_store::read_range(uint64_t off, uint64_t size, const read_dst & dst,
     }
 }
 
+void expert_store::read_aligned(uint64_t offset, uint64_t size, uint8_t * buf) {
+    if (file_.uncached()) {
+        file_.read_uncached(offset, size, buf);
+        return;
+    }
+    file_.read(offset, size, buf + offset % k_io_align);
+    file_.drop_cache(offset, size);
+}
+
 uint64_t expert_store::read_experts(const std::vector<read_job> & jobs, io_pool * pool) {
     io_pool &                             io = pool ? *pool : io_;
     std::vector<std::function<void(int)>> tasks;

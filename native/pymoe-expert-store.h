@@ -126,6 +126,12 @@ class expert_store {
     void advise_willneed(int32_t il, int32_t e) const;
     void release(int32_t il, int32_t e) const;
 
+    // Reads [offset, offset + size) of the file, past the OS cache where it
+    // can: the range's first byte lands at buf + offset % k_io_align (`buf`
+    // k_io_align-aligned, with room for the aligned span around the range).
+    // Throws as platform_file::read. The stream's reads.
+    void read_aligned(uint64_t offset, uint64_t size, uint8_t * buf);
+
     // Bytes per second of slot loads, measured by reading up to `max_bytes`
     // of expert data the way loads read it.
     double measure_read_bandwidth(uint64_t max_bytes);

@@ -19,6 +19,7 @@
 //   pymoe-step.*          one MoE layer's step: the planner, background admission and skipping, shared
 //                         by the engine and the simulator
 //   pymoe-loader.*        the background loader: reads and device uploads off the critical path, with events
+//   pymoe-stream.*        disk tier: the direct branch's experts read ahead of the CPU into a ring (patch 0007)
 //   pymoe-calibrate.cpp   the engine's cost model measured at its first sync point (link, disk, CPU, device)
 //   pymoe-prefetch.*      predicting the next layers' experts, background loads, what predictions got right
 //   pymoe-engine.*        ties them together per MoE layer at the router's sync point; stats
@@ -231,6 +232,9 @@ struct offload_params {
                                              // every miss takes a slot while slots remain
     bool                direct_io  = true;   // O_DIRECT for slot loads, falls back to buffered reads
     int32_t             io_threads = 4;      // parallel reads when a layer misses several experts
+    bool                stream     = true;   // disk tier: the direct branch's experts are read from the file
+                                             // (uncached, in the order the CPU computes them) into a ring of
+                                             // buffers instead of faulted in through the mapping (pymoe-stream.h)
     // Mixed precision (HOBBIT): a sidecar GGUF with a low-precision copy of every
     // expert. `lo_share` of the budget holds low-precision slots; a pair whose
     // gate weight is below `lo_threshold` may be served by such a slot.
@@ -301,7 +305,10 @@ struct offload_params {
     X(uint64_t, bytes_admitted, "bytes of those background uploads")                                 \
     X(double, record_seconds, "recording the routing (--record-routing), its weight reads included")  \
     X(uint64_t, skipped, "missed experts left out: gate weight below skip_threshold (adaptive top-k)") \
-    X(uint64_t, skipped_pairs, "the pairs of those experts: they contributed nothing")
+    X(uint64_t, skipped_pairs, "the pairs of those experts: they contributed nothing")              \
+    X(uint64_t, bytes_streamed, "direct-branch bytes read from the file into the stream's buffers")    \
+    X(double, stream_wait_seconds, "the CPU waited for a streamed expert's bytes")                     \
+    X(uint64_t, stream_fallbacks, "direct projections computed from the mapping instead of the stream")
 
 struct layer_stats {
 #define PYMOE_COUNTER_FIELD(type, name, doc) type name = 0;
@@ -364,6 +371,9 @@ std::vector<pool_plan> offload_plan(const std::string & path, uint64_t budget, u
 // it (direct_io: uncached), and returns each projection's bytes in the order
 // gate, up, down (or gate_up, down). For tests of the read path.
 std::vector<std::string> expert_read(const std::string & path, int32_t il, int32_t e, bool direct_io);
+
+// Bytes of the disk tier's stream ring for the model at `path` (what the engine allocates).
+uint64_t stream_ring_bytes(const std::string & path);
 
 //
 // devices

@@ -147,6 +147,7 @@ def memory_plan(path: str, settings: Settings) -> dict:
     direct_ids = len(moe) * s.n_expert_used * rows * 4
     loader = o.prefetch or (o.admission and bool(devices))
     io = o.io_threads * (2 if sidecar else 1) + (max(1, o.io_threads // 2) if loader else 0)
+    stream = tier == "disk" and o.stream  # the direct branch's ring
     routers = 0
     if o.prefetch:  # the first MoE layer is never predicted
         for t in s.tensors:
@@ -158,7 +159,7 @@ def memory_plan(path: str, settings: Settings) -> dict:
     split["host"] = {
         "pool_bytes": host["pool_bytes"],
         "ids_bytes": host["ids_bytes"] + direct_ids,
-        "read_buffer_bytes": io * READ_BUFFER_BYTES,
+        "read_buffer_bytes": io * READ_BUFFER_BYTES + (_core.stream_ring_bytes(path) if stream else 0),
         "router_copy_bytes": routers,
     }
     split["overhead_bytes"] = sum(d["ids_bytes"] for d in per_dev) + sum(

@@ -263,6 +263,17 @@ class Settings:
         ),
     )
 
+    stream: bool = field(
+        default=_NATIVE.offload.stream,
+        metadata=_opt(
+            "--no-stream",
+            group=OFFLOAD,
+            negate=True,
+            help="disk tier: compute missed experts from llama.cpp's mapping of the file (page faults) instead "
+            "of reading them ahead of the CPU, with large uncached reads, into a ring of buffers",
+        ),
+    )
+
     record_routing: str | os.PathLike[str] | None = field(
         default=None,
         metadata=_opt(
@@ -401,6 +412,7 @@ class Settings:
             "lo_threshold",
             "prefetch",
             "admission",
+            "stream",
             "skip_threshold",
             "skip_renormalize",
         ):

@@ -54,6 +54,8 @@ def test_info_prints_the_engine_memory(demo_gguf):
     proc = run_pymoe("info", str(demo_gguf), "--expert-budget", "0.5", "--prefetch")
     assert proc.returncode == 0, proc.stderr
     assert "120 of 240 experts (50%)" in proc.stdout
-    assert "engine memory" in proc.stdout and "read buffers 48.05 MiB" in proc.stdout  # 4 io threads + 2 loaders
+    # 4 io threads + 2 loaders (8 MiB + 8 KiB each) and the stream's ring: 16 x 548 KiB (a projection of
+    # one expert, 540 KiB, plus alignment)
+    assert "engine memory" in proc.stdout and "read buffers 56.61 MiB" in proc.stdout
     bad = run_pymoe("info", str(demo_gguf), "--expert-budget", "lots")
     assert bad.returncode != 0 and "lots" in bad.stderr

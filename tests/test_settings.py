@@ -79,6 +79,7 @@ def test_every_native_field_is_set_from_the_settings(demo_gguf):
         io_threads=2,
         prefetch_max_tokens=7,
         admission=False,
+        stream=False,
         skip_threshold=0.1,
         skip_renormalize=True,
         multidim_weights=(0.5, 2.0, 3.0),
