@@ -24,10 +24,7 @@ def evict(path: Path) -> None:
 
 
 def cached_bytes(path: Path) -> int | None:
-    """Bytes of the file in the page cache (mincore through a mapping)."""
-    size = path.stat().st_size
-    if size == 0:
-        return 0
+    """Bytes of the file (or block device) in the page cache (mincore through a mapping)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -36,6 +33,9 @@ def cached_bytes(path: Path) -> int | None:
     page = os.sysconf("SC_PAGE_SIZE")
     fd = os.open(path, os.O_RDONLY)
     try:
+        size = os.lseek(fd, 0, os.SEEK_END)  # a block device's size too (its st_size is 0)
+        if size == 0:
+            return 0
         addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             return None
