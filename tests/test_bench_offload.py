@@ -185,3 +185,21 @@ def test_loop_device_read_ahead_and_detached_on_every_exit(tmp_path):
         assert str(f) in attached(f)
         raise KeyboardInterrupt  # Ctrl-C
     assert attached(f) == ""
+
+
+def test_markdown_states_the_read_ahead_bandwidth_and_roofline():
+    report = {
+        "roofline_bandwidth": 1.3e9,
+        "roofline_no_cache": 0.2,
+        "limit": 8 * GIB,
+        "read_ahead": {"device": "vda", "read_ahead_kb": 8192},
+        "loop": {"device": "/dev/loop0", "read_ahead_kb": 128, "direct_io": True},
+        "results": [],
+    }
+    head = bench.markdown(report).splitlines()[0]
+    assert head == (
+        "Disk: `read_ahead_kb` 8192 (vda), r's loop device 128 (direct-io on); O_DIRECT bandwidth 1.30 GB/s; "
+        "roofline with no expert in memory 0.20 tok/s; limit 8192 MiB."
+    )
+    del report["read_ahead"], report["loop"], report["roofline_no_cache"]  # a report from before
+    assert bench.markdown(report).startswith("| cfg | run |")

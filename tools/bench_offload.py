@@ -1103,6 +1103,9 @@ def main(argv: list[str] | None = None) -> int:
             if "r" in args.configs.split(","):
                 pad_to_sectors(model)  # our file: a loop device maps whole sectors
         return run(args, model, pymoe, kv_cache_bytes, started)
+    except KeyboardInterrupt:  # the run, its cgroup and the loop device are gone by now
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     finally:
         if generated is not None and not args.keep:
             generated.unlink(missing_ok=True)
