@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,16 @@ def test_markdown_states_the_read_ahead_bandwidth_and_roofline():
     )
     del report["read_ahead"], report["loop"], report["roofline_no_cache"]  # a report from before
     assert bench.markdown(report).startswith("| cfg | run |")
+
+
+def test_refuses_to_write_the_model_to_a_tmpfs(tmp_path, capsys):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or readahead.device_read_ahead(shm) is not None:
+        pytest.skip("no tmpfs at /dev/shm")
+    workdir = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        assert bench.main(["--preset", "tiny", "--workdir", str(workdir), "--configs", "b,r,e"]) == 1
+        assert "is on no block device (a tmpfs?)" in capsys.readouterr().err
+        assert list(workdir.iterdir()) == []
+    finally:
+        workdir.rmdir()

@@ -27,8 +27,9 @@ hit rate, bytes read from disk per token (the process's read_bytes over the
 measured phase; for pymoe also the engine's own count), the disk roofline
 (bandwidth / bytes per token, with the bandwidth measured here with O_DIRECT)
 and the cgroup's peak memory. Needs root, a memory cgroup controller,
-llama-bench for a and b (tools/build_llama_tools.sh) and the Mixtral-8x7B decode
-trace for c, --sweep and --ablation (--trace).
+llama-bench for a, b and r (tools/build_llama_tools.sh), root and a loop
+device for r, and the Mixtral-8x7B decode trace for c, --sweep and
+--ablation (--trace).
 
 Models of 8 GiB and more (the real-size presets mixtral-8x7b, qwen3-30b-a3b)
 get a plan that fits ~20 minutes (`plan_defaults`): limit 1/3 of the file;
@@ -37,8 +38,9 @@ or without --trace); pp16 without warm-up (llama-bench's and pymoe's alike),
 llama-bench tg8, pymoe tg32; no retries. A generated model is deleted at the
 end unless --keep. Progress lines (stderr) say which run goes and for how long.
 
-    python tools/bench_offload.py --trace T.jsonl      # mixtral-mini, 576 MiB, (a)-(e)
-    python tools/bench_offload.py --preset mixtral-8x7b --trace T.jsonl   # 25 GiB under 1/3 of it, ~15 min
+    python tools/bench_offload.py --trace T.jsonl      # mixtral-mini, 576 MiB, a, b, r, c, d, e
+    python tools/bench_offload.py --preset mixtral-8x7b --trace T.jsonl   # 25 GiB under 1/3 of it
+    python tools/bench_offload.py --preset qwen3-30b-a3b                  # 17 GiB under 1/3 of it
     python tools/bench_offload.py --trace T.jsonl --sweep --json out.json
     python tools/bench_offload.py --worker '{...}'     # internal: one pymoe run
 
@@ -1081,6 +1083,11 @@ def main(argv: list[str] | None = None) -> int:
     if not problem and not model.is_file():
         args.workdir.mkdir(parents=True, exist_ok=True)
         problem = disk_room_problem(args.workdir, size, f"the {args.preset} model")
+        if not problem and device_read_ahead(args.workdir) is None:
+            problem = (
+                f"{args.workdir} is on no block device (a tmpfs?): the runs would not read from a disk; "
+                "hint: pass --workdir DIR on a disk"
+            )
     problem = problem or check_environment(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
