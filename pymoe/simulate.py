@@ -339,8 +339,12 @@ def plot_hit_rates(curves: dict[str, list[float]], shares: Sequence[float], path
 
 
 def budget_value(text: str) -> str | float:
-    """--budget: with a decimal point a share of all experts, else a size (6GiB, 25%, a byte count)."""
-    return float(text) if "." in text else text
+    """--budget: a number with a decimal point is a share of all experts, anything else a size
+    (6GiB, 6.5GiB, 25%, a byte count)."""
+    try:
+        return float(text) if "." in text else text
+    except ValueError:
+        return text  # 6.5GiB
 
 
 def main(args: argparse.Namespace) -> int:

@@ -172,3 +172,11 @@ def test_warmup_rows_of_the_shared_logs_are_dropped(tmp_path):
         path = tmp_path / name
         path.write_text("\n".join(json.dumps(r) for r in rows))
         assert load_trace(path).n_tokens == 10 if warmup else load_trace(path).n_tokens == 10 + warmup
+
+
+def test_budget_accepts_shares_and_sizes_with_a_decimal_point():
+    from pymoe.simulate import budget_value
+
+    assert budget_value("0.25") == 0.25
+    assert budget_value("6.5GiB") == "6.5GiB"  # once: "could not convert string to float"
+    assert budget_value("6GiB") == "6GiB" and budget_value("25%") == "25%"
