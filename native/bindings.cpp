@@ -440,7 +440,7 @@ PYBIND11_MODULE(_core, mod) {
                          const std::tuple<double, double, double> & weights, bool per_layer, bool assist,
                          double link_bw, double direct_bw, double fast_flops, double slow_flops, double reuse,
                          double flops_per_token, double layer_seconds, bool admission, bool prefetch,
-                         double horizon_scale) {
+                         double horizon_scale, float skip_threshold) {
                  pymoe::sim_params p;
                  p.n_layer         = n_layer;
                  p.n_expert        = n_expert;
@@ -459,6 +459,7 @@ PYBIND11_MODULE(_core, mod) {
                  p.admission       = admission;
                  p.prefetch        = prefetch;
                  p.horizon_scale   = horizon_scale;
+                 p.skip_threshold  = skip_threshold;
                  return std::make_unique<pymoe::cache_simulator>(p);
              }),
              py::arg("n_layer"), py::arg("n_expert"), py::arg("expert_bytes"), py::arg("expert_bytes_lo") = 0,
@@ -467,7 +468,8 @@ PYBIND11_MODULE(_core, mod) {
              py::arg("per_layer") = true, py::arg("assist") = true, py::arg("link_bw") = 0.0,
              py::arg("direct_bw") = 0.0, py::arg("fast_flops") = 0.0, py::arg("slow_flops") = 0.0,
              py::arg("reuse") = 1.0, py::arg("flops_per_token") = 0.0, py::arg("layer_seconds") = 0.0,
-             py::arg("admission") = true, py::arg("prefetch") = true, py::arg("horizon_scale") = 1.0)
+             py::arg("admission") = true, py::arg("prefetch") = true, py::arg("horizon_scale") = 1.0,
+             py::arg("skip_threshold") = 0.0f)
         .def(
             "run",
             [](pymoe::cache_simulator & self, const i32_array & ids, const f32_array & weights,
@@ -513,7 +515,8 @@ PYBIND11_MODULE(_core, mod) {
                             py::arg("link_busy_seconds") = r.link_busy_seconds,
                             py::arg("prefetch_loads") = r.prefetch_loads, py::arg("prefetch_bytes") = r.prefetch_bytes,
                             py::arg("prefetch_hits") = r.prefetch_hits,
-                            py::arg("prefetch_wait_seconds") = r.prefetch_wait_seconds);
+                            py::arg("prefetch_wait_seconds") = r.prefetch_wait_seconds,
+                            py::arg("skipped") = r.skipped, py::arg("skipped_pairs") = r.skipped_pairs);
         });
 
     // --- settings: the C++ structs, bound once; their defaults are the only ones (pymoe.Settings reads them)

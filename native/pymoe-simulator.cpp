@@ -253,6 +253,7 @@ void cache_simulator::step(int32_t il, const int32_t * experts, const float * we
     cfg.admit           = cache_->policy().admits_on_miss();
     cfg.assist          = p_.assist;
     cfg.lo_threshold    = cache_lo_ ? p_.lo_threshold : 0.0f;
+    cfg.skip_threshold  = p_.skip_threshold;
     cfg.expert_bytes    = p_.expert_bytes;
     cfg.expert_bytes_lo = cache_lo_ ? p_.expert_bytes_lo : 0;
     cfg.flops_per_token = p_.flops_per_token;
@@ -310,6 +311,11 @@ void cache_simulator::step(int32_t il, const int32_t * experts, const float * we
                     link_free_at_ = start + link(bytes);
                     result_.link_busy_seconds += link(bytes);
                 }
+                break;
+            case ACTION_SKIP:  // neither moved nor computed, as in the engine
+                result_.misses++;
+                result_.skipped++;
+                result_.skipped_pairs += (uint64_t) x.n_tokens;
                 break;
             default:
                 result_.misses++;

@@ -23,6 +23,7 @@ struct sim_params {
     uint64_t         budget          = 0;  // bytes of slots, both precisions
     double           lo_share        = 0.25;
     float            lo_threshold    = 0.0f;
+    float            skip_threshold  = 0.0f;  // adaptive top-k (step_config): a miss below it is left out (0: never)
     std::string      policy          = "lru";
     multidim_weights weights;
     bool             per_layer       = true;  // a pool per layer (else one shared by all layers)
@@ -83,6 +84,7 @@ struct sim_result {
     uint64_t tokens = 0, steps = 0, pairs = 0;
     uint64_t hits = 0, hits_lo = 0, misses = 0, loads = 0, loads_lo = 0, direct = 0, evictions = 0, upgrades = 0;
     uint64_t lo_pairs = 0, bytes_moved = 0;
+    uint64_t skipped = 0, skipped_pairs = 0;  // misses left out by skip_threshold (counted as misses), their pairs
     uint64_t admissions = 0, bytes_admitted = 0;  // background uploads (not in bytes_moved: off the critical path)
     double   seconds = 0;              // modelled time of the tokens
     double   link_busy_seconds = 0;    // the link moving foreground loads and background uploads

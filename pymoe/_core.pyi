@@ -229,6 +229,7 @@ class CacheSimulator:
         admission: bool = True,
         prefetch: bool = True,
         horizon_scale: float = 1.0,
+        skip_threshold: float = 0.0,
     ) -> None: ...
     def run(
         self,

@@ -27,10 +27,12 @@ from typing import Any
 from . import _core, stats
 from ._units import MiB
 from .offload import DEFAULT_LO_THRESHOLD, PARTITIONS, check_partition, parse_budget
+from .settings import Settings
 from .traces import Trace, load_trace
 
-# the engine's default policy (offload_params in native/pymoe.h)
+# the engine's defaults (offload_params in native/pymoe.h)
 DEFAULT_POLICY = _core.ModelParams().offload.policy
+DEFAULT_SKIP_THRESHOLD = round(_core.ModelParams().offload.skip_threshold, 6)
 BOUND_POLICY = "belady"
 LO_BITS = {"q2_K": 2.625, "q3_K": 3.4375, "q4_0": 4.5, "q4_K": 4.5, "q8_0": 8.5}
 
@@ -109,6 +111,14 @@ def setup_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         help="relative gate weight (over the token's top-k sum) below which low precision is used "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--skip-threshold",
+        type=float,
+        default=DEFAULT_SKIP_THRESHOLD,
+        metavar="T",
+        help="adaptive top-k, as the engine's --skip-threshold: a miss whose relative gate weight is below T for "
+        "every token of the step is neither loaded nor computed (default: %(default)s, never)",
+    )
     parser.add_argument("--no-cpu-assist", action="store_true", help="never compute a miss where it lives")
     parser.add_argument(
         "--no-admission",
@@ -173,6 +183,8 @@ class SimResult:
     prefetch_hits: int = 0  # hits on an expert a prefetch brought, at its first use
     prefetch_wait_per_token_s: float = 0.0  # steps waiting for their experts' background loads (exposed)
     bound_hit_rate: float | None = None  # Belady's (optimal offline) hit rate with the same settings, when asked
+    skipped: int = 0  # misses left out by skip_threshold (adaptive top-k): neither moved nor computed
+    skipped_share_of_pairs: float = 0.0  # the share of all pairs they were
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,6 +201,7 @@ def simulate(
     lo_type: str | None = None,
     lo_share: float = 0.25,
     lo_threshold: float = DEFAULT_LO_THRESHOLD,
+    skip_threshold: float = DEFAULT_SKIP_THRESHOLD,
     cpu_assist: bool = True,
     link_gbps: float = 16.0,
     device_gbps: float = 300.0,
@@ -206,11 +219,13 @@ def simulate(
     `preset` names the traced model (default: a recording's own expert size, else the
     preset with the trace's routing shape) and `expert_bytes` overrides its expert size.
     `lo_type` simulates low-precision copies of that type (LO_BITS) in `lo_share` of the
-    budget, used below `lo_threshold`. The bandwidths model decode (see the module's doc).
+    budget, used below `lo_threshold`. `skip_threshold`: the engine's adaptive top-k (a miss
+    of smaller relative gate weight is left out). The bandwidths model decode (see the module's doc).
     `admission`: misses computed on the CPU are also uploaded into the cache while the
     link is idle (the engine's background admission). `prefetch`: a recording's
     predictor guesses are loaded in the background. `bound`: also run Belady's optimal
     offline policy with the same settings (`bound_hit_rate`)."""
+    Settings(skip_threshold=skip_threshold)  # the engine's range check and message
     if not isinstance(trace, Trace):
         trace = load_trace(trace, skip_rows=skip_rows)
     if policy not in _core.policy_names():
@@ -238,7 +253,7 @@ def simulate(
             assist=cpu_assist, link_bw=link_gbps * 1e9, direct_bw=0.0,
             fast_flops=device_gbps * 1e9 * per_byte, slow_flops=cpu_gbps * 1e9 * per_byte,
             flops_per_token=flops, layer_seconds=layer_ms / 1e3, admission=admission, prefetch=prefetch,
-            horizon_scale=max(1.0, model.n_layer / n_layer),
+            horizon_scale=max(1.0, model.n_layer / n_layer), skip_threshold=skip_threshold,
         )  # fmt: skip
         sim.run(trace.experts, trace.weights, ubatches=trace.ubatches, guesses=trace.guesses)
         return sim.result()
@@ -274,6 +289,8 @@ def simulate(
         prefetch_hits=r["prefetch_hits"],
         prefetch_wait_per_token_s=r["prefetch_wait_seconds"] / tokens if tokens else 0.0,
         bound_hit_rate=bound_rate,
+        skipped=r["skipped"],
+        skipped_share_of_pairs=r["skipped_pairs"] / r["pairs"] if r["pairs"] else 0.0,
     )
 
 
@@ -356,6 +373,7 @@ def main(args: argparse.Namespace) -> int:
         "lo_type": args.lo_type,
         "lo_share": args.lo_share,
         "lo_threshold": args.lo_threshold,
+        "skip_threshold": args.skip_threshold,
         "cpu_assist": not args.no_cpu_assist,
         "link_gbps": args.link_gbps,
         "device_gbps": args.device_gbps,
@@ -389,6 +407,8 @@ def main(args: argparse.Namespace) -> int:
         f"moved {res.bytes_per_token / MiB:.1f} MiB/token, modelled {res.latency_per_token_s * 1e3:.2f} "
         "ms/token (expert part)"
     )
+    if res.skipped:
+        print(f"skipped {res.skipped} missed experts: {res.skipped_share_of_pairs:.1%} of the pairs left out")
     if res.admissions:
         print(
             f"admitted {res.admissions} experts in the background ({res.admitted_per_token / MiB:.1f} MiB/token), "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import OrderedDict
 
@@ -143,6 +144,30 @@ def test_library_function(tmp_path):
         simulate(trace, preset="gpt-5")
     with pytest.raises(ValueError, match="expert size"):
         simulate(write_trace(tmp_path / "t3.jsonl", *random_routing(n_tokens=5, n_layer=2, n_expert=3)))
+
+
+def test_skip_threshold_leaves_misses_out_and_saves_their_bytes(tmp_path):
+    """--skip-threshold: the step planner's ACTION_SKIP (the engine's adaptive top-k), counted as the engine
+    counts it: a miss that moves and computes nothing."""
+    ids, w = random_routing(n_tokens=300, n_layer=4, seed=3)
+    trace = write_trace(tmp_path / "trace.jsonl", ids, w)
+    runs = [simulate(trace, budget=0.25, cpu_assist=False, skip_threshold=t) for t in (0.0, 0.1, 0.2, 0.4)]
+    assert runs[0].skipped == 0 and runs[0].skipped_share_of_pairs == 0.0
+    assert runs[0] == simulate(trace, budget=0.25, cpu_assist=False)  # 0, the default: never
+    expert = 3 * 4096 * 14336 * 4.5 / 8  # the preset's expert: every miss not skipped is loaded
+    for a, b in itertools.pairwise(runs):
+        assert b.skipped > a.skipped and b.bytes_per_token < a.bytes_per_token
+        assert b.latency_per_token_s < a.latency_per_token_s
+    rel = w / w.sum(-1, keepdims=True)
+    for r, t in zip(runs, (0.0, 0.1, 0.2, 0.4), strict=True):
+        assert r.bytes_per_token * r.tokens == pytest.approx(r.loads * int(expert))
+        # only pairs weighing less than T can be left out (and only when their expert missed)
+        assert r.skipped_share_of_pairs <= (rel < t).mean() + 1e-9
+    proc = run_pymoe("simulate", "--trace", str(trace), "--skip-threshold", "0.2", "--no-cpu-assist", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["skipped"] == runs[2].skipped
+    bad = run_pymoe("simulate", "--trace", str(trace), "--skip-threshold", "1.5")
+    assert bad.returncode != 0 and "skip_threshold (--skip-threshold) must be in [0, 1)" in bad.stderr
 
 
 def test_plot(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from conftest import load_tool
 
 from pymoe import Model, _core, summarize
+from pymoe.sidecar import check_sidecar
 
 synth = load_tool("make_synthetic_moe")
 
@@ -70,6 +71,9 @@ def test_the_seed_fixes_the_bytes(tmp_path, written):
         return hashlib.sha256(p.read_bytes()).hexdigest()
 
     assert digest(again) == digest(written["tiny"]) != digest(other)
+    # and across versions of the tool: the figures in docs/benchmarks.md were measured on files it wrote
+    assert digest(again) == "a10b39e15321152ccb921da14ee87db512c31698440abc731ef1d1b367b9b174"
+    assert digest(written["qwen3-tiny"]) == "dfa0bd8ca5d4742e0487276460924825f2bf293d44aacd0670af6e34b60797b5"
 
 
 def test_existing_output_needs_force(tmp_path):
@@ -105,3 +109,44 @@ def test_rows_must_fit_the_quant_blocks():
         synth.check_types(replace(synth.PRESETS["tiny"], n_ff_exp=96, expert_type="q4_K"))
     with pytest.raises(ValueError, match="unknown preset"):
         synth.resolve("mixtral-9x9b")
+
+
+def test_sidecar_is_bound_and_serves_pairs_low(tmp_path, written):
+    """--sidecar: a sidecar pymoe.sidecar accepts, whose rows are the model's own rows at low
+    precision, that leaves the model's bytes as they are, and that the engine serves pairs from."""
+    main = synth.write_model("tiny", tmp_path / "m.gguf", seed=1, sidecar="q2_K")
+    side = tmp_path / "m.lo.gguf"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.lo.gguf"]  # no temporary file left
+    assert main.read_bytes() == written["tiny"].read_bytes()  # the same seed writes the same model
+    info = check_sidecar(main, side)
+    preset = synth.PRESETS["tiny"]
+    assert info.lo_type == "q2_K" and len(info.tensors) == 3 * preset.n_layer
+    assert {t.type for t in info.tensors} == {"q2_K"} and {t.main_type for t in info.tensors} == {"q8_0"}
+    with open(main, "rb") as fm, open(side, "rb") as fs:
+        for t in info.tensors:  # expert 5: dequantised, the low copy is the high one plus q2_K's error
+            n = t.shape[0]
+            fm.seek(t.main_offset + 5 * t.main_nbytes // t.n_expert)
+            hi = _core.dequantize(np.frombuffer(fm.read(t.main_nbytes // t.n_expert), np.uint8), "q8_0", n)
+            off, nbytes = t.expert_range(5)
+            fs.seek(off)
+            lo = _core.dequantize(np.frombuffer(fs.read(nbytes), np.uint8), "q2_K", n)
+            assert np.corrcoef(hi.ravel(), lo.ravel())[0, 1] > 0.85
+    tokens = [1, *range(300, 332)]
+    with Model(main, n_ctx=128, offload="on", expert_budget=0.5, offload_tier="disk", sidecar=side) as m:
+        assert m.offload_stats()["n_slots_lo"] > 0
+        for i in range(1, len(tokens) + 1):  # one token per step, as decoding runs
+            m.next_token_logits(tokens[:i])
+        stats = m.offload_stats()
+    assert stats["lo_pairs"] > 0 and stats["bytes_loaded_lo"] > 0
+
+
+def test_sidecar_refusals_leave_nothing_behind(tmp_path):
+    (tmp_path / "m.lo.gguf").write_bytes(b"keep")
+    with pytest.raises(FileExistsError, match="--force"):
+        synth.write_model("tiny", tmp_path / "m.gguf", sidecar="q3_K")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.lo.gguf"]  # neither file, no temporary one
+    with pytest.raises(ValueError, match="not a type ggml can quantise"):
+        synth.write_model("tiny", tmp_path / "m.gguf", sidecar="q1_X")
+    assert synth.main(["tiny", "--sidecar", "q3_K", "--dry-run"]) == 0
+    synth.write_model("tiny", tmp_path / "m.gguf", sidecar="q3_K", force=True)
+    assert check_sidecar(tmp_path / "m.gguf", tmp_path / "m.lo.gguf").lo_type == "q3_K"

@@ -16,9 +16,13 @@ and compute are those of the real model. Presets:
 Writing is fast: per (quant type, row length) a pool of random rows is
 quantised once with ggml's own quantiser (`pymoe._core.quantize`: valid
 blocks, no NaNs) and every tensor is filled with rows drawn at random from it.
+`--sidecar q2_K` also writes MODEL.lo.gguf, the low-precision expert sidecar
+of pymoe's mixed precision: the same rows quantised to q2_K from the same
+float values, bound to the model as `pymoe convert` binds one.
 
     python tools/make_synthetic_moe.py mixtral-mini                 # -> ~/.cache/pymoe/bench/
     python tools/make_synthetic_moe.py qwen3-30b-a3b --dry-run      # sizes only
+    python tools/make_synthetic_moe.py mixtral-8x7b --sidecar q2_K -o M.gguf   # M.gguf + M.lo.gguf
     python tools/make_synthetic_moe.py --list
 """
 
@@ -29,12 +33,14 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from pymoe._units import format_bytes
+from pymoe.sidecar import default_sidecar_path
 
 POOL_ROWS = 256  # distinct quantised rows per (type, row length)
 
@@ -239,12 +245,16 @@ def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
 
 class RowPools:
     """Per (type, row length): POOL_ROWS rows of N(0, 1/row_length) values
-    quantised once by ggml; tensors are filled with rows drawn from the pool."""
+    quantised once by ggml; tensors are filled with rows drawn from the pool.
+    The values are kept, so that the same rows can be quantised to a second
+    type (`low_pool`: a sidecar's copy of the very rows the main file holds)."""
 
     def __init__(self, rng: np.random.Generator, n_threads: int = 0) -> None:
         self.rng = rng
         self.n_threads = n_threads
+        self.values: dict[tuple[str, int], np.ndarray] = {}
         self.pools: dict[tuple[str, int], np.ndarray] = {}
+        self.low_pools: dict[tuple[str, int, str], np.ndarray] = {}
 
     def pool(self, qtype: str, n: int) -> np.ndarray:
         from pymoe import _core
@@ -252,13 +262,33 @@ class RowPools:
         key = (qtype, n)
         if key not in self.pools:
             values = self.rng.standard_normal((POOL_ROWS, n), dtype=np.float32) * np.float32(1.0 / np.sqrt(n))
-            self.pools[key] = _core.quantize(values.astype(np.float32), qtype, self.n_threads)
+            self.values[key] = values.astype(np.float32)
+            self.pools[key] = _core.quantize(self.values[key], qtype, self.n_threads)
         return self.pools[key]
 
-    def fill(self, t: TensorSpec) -> np.ndarray:
-        """The tensor's bytes, numpy shape [..., rows, row_bytes] (ggml order reversed)."""
+    def low_pool(self, qtype: str, n: int, low_type: str) -> np.ndarray:
+        """The values of pool (qtype, n) quantised to `low_type` (the pool must exist)."""
+        from pymoe import _core
+
+        key = (qtype, n, low_type)
+        if key not in self.low_pools:
+            self.low_pools[key] = _core.quantize(self.values[(qtype, n)], low_type, self.n_threads)
+        return self.low_pools[key]
+
+    def draw(self, t: TensorSpec) -> np.ndarray:
+        """Which pool row each of the tensor's rows is (uint8: POOL_ROWS <= 256). The pool is made first:
+        the random numbers are drawn in the tool's fixed order, so a seed's bytes stay what they were."""
+        self.pool(t.type, t.shape[0])
+        return self.rng.integers(0, POOL_ROWS, t.n_rows).astype(np.uint8)
+
+    def fill(self, t: TensorSpec, idx: np.ndarray | None = None, low_type: str | None = None) -> np.ndarray:
+        """The tensor's bytes, numpy shape [..., rows, row_bytes] (ggml order reversed): rows `idx`
+        (default: drawn now) of its pool, or with `low_type` of that pool quantised to `low_type`."""
         pool = self.pool(t.type, t.shape[0])
-        idx = self.rng.integers(0, POOL_ROWS, t.n_rows)
+        if low_type is not None:
+            pool = self.low_pool(t.type, t.shape[0], low_type)
+        if idx is None:
+            idx = self.draw(t)
         return pool[idx].reshape(*reversed(t.shape[1:]), pool.shape[1])
 
 
@@ -313,11 +343,39 @@ def _metadata(writer, name: str, p: Preset, seed: int, router_scale: float = 1.0
     writer.add_float32("pymoe.synthetic.router_scale", router_scale)
 
 
-def _tensors(p: Preset, seed: int, n_threads: int, router_scale: float) -> Iterator[tuple[TensorSpec, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    pools = RowPools(rng, n_threads)
+def _tensors(
+    p: Preset, seed: int, n_threads: int, router_scale: float, pools: RowPools | None = None
+) -> Iterator[tuple[TensorSpec, np.ndarray, np.ndarray | None]]:
+    """(spec, bytes, the pool rows drawn: None for float tensors) of every tensor, in file order."""
+    pools = pools or RowPools(np.random.default_rng(seed), n_threads)
+    rng = pools.rng
     for t in tensor_specs(p):
-        yield t, (_float_tensor(t, rng, router_scale) if t.type == "f32" else pools.fill(t))
+        if t.type == "f32":
+            yield t, _float_tensor(t, rng, router_scale), None
+        else:
+            idx = pools.draw(t)
+            yield t, pools.fill(t, idx), idx
+
+
+def _add_tensor_infos(writer, specs: list[TensorSpec]) -> None:
+    import gguf
+
+    for t in specs:
+        if t.type == "f32":
+            writer.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.nbytes())
+        else:
+            byte_shape = (*reversed(t.shape[1:]), t.nbytes() // t.n_rows)
+            qtype = gguf.GGMLQuantizationType[t.type.upper()]
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes(), raw_dtype=qtype)
+
+
+def sidecar_specs(p: Preset, lo_type: str) -> list[TensorSpec]:
+    """The sidecar's tensors: every expert weight under its own name and shape, in `lo_type` or, where
+    the row length does not fit its blocks, the fallback `pymoe convert` would use."""
+    from pymoe.convert import qtypes
+
+    lo_type = qtypes.parse_type(lo_type, "--sidecar")
+    return [replace(t, type=qtypes.fit_type(lo_type, t.shape[0]).type) for t in tensor_specs(p) if t.is_expert]
 
 
 def write_model(
@@ -331,38 +389,93 @@ def write_model(
     n_threads: int = 0,
     progress: bool = False,
     router_scale: float = 1.0,
+    sidecar: str | None = None,
+    sidecar_out: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Writes the preset's synthetic GGUF to `out` (atomically) and returns the path. `router_scale`
-    multiplies the routers' logits (see --router-scale)."""
+    multiplies the routers' logits (see --router-scale). With `sidecar` (a low type such as "q2_K")
+    it also writes the low-precision expert sidecar `sidecar_out` (default: OUT.lo.gguf), bound to the
+    main file as `pymoe convert` binds one: each expert row is the same pool row as in the main file,
+    quantised to the low type from the same float values (as a sidecar made from a checkpoint is).
+    Both are complete before either is renamed into place."""
     import gguf
 
+    from pymoe import sidecar as sc
     from pymoe._atomic import atomic_output
 
     p = resolve(name, expert_type, other_type)
     out = Path(out)
-    qtypes = {t.type: gguf.GGMLQuantizationType[t.type.upper()] for t in tensor_specs(p)}
-    with atomic_output(out, force=force) as tmp:
+    specs = tensor_specs(p)
+    lo_specs: list[TensorSpec] = []
+    if sidecar:
+        from pymoe.convert import qtypes
+
+        sidecar = qtypes.parse_type(sidecar, "--sidecar")
+        lo_specs = sidecar_specs(p, sidecar)
+        sidecar_out = Path(sidecar_out) if sidecar_out else sc.default_sidecar_path(out)
+        if sidecar_out.absolute() == out.absolute():
+            raise ValueError(f"the sidecar would overwrite the model '{out}'; hint: give it another path")
+    pools = RowPools(np.random.default_rng(seed), n_threads)
+    expert_rows: dict[str, np.ndarray] = {}  # the main file's pool rows of each expert tensor (sidecar only)
+    with ExitStack() as stack:
+        tmp = stack.enter_context(atomic_output(out, force=force))
+        if sidecar:
+            side_tmp = stack.enter_context(atomic_output(sidecar_out, inputs=(out,), force=force))
         writer = gguf.GGUFWriter(tmp, p.arch)
         _metadata(writer, name, p, seed, router_scale)
-        for t in tensor_specs(p):
-            if t.type == "f32":
-                writer.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.nbytes())
-            else:
-                byte_shape = (*reversed(t.shape[1:]), t.nbytes() // t.n_rows)
-                writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes(), raw_dtype=qtypes[t.type])
+        _add_tensor_infos(writer, specs)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        specs = tensor_specs(p)
-        for i, (t, data) in enumerate(_tensors(p, seed, n_threads, router_scale)):
+        for i, (t, data, idx) in enumerate(_tensors(p, seed, n_threads, router_scale, pools)):
             assert data.nbytes == t.nbytes(), t.name
             writer.write_tensor_data(data)
+            if sidecar and t.is_expert:
+                expert_rows[t.name] = idx
             if progress and (t.is_expert or i == len(specs) - 1):
                 print(f"\r  {i + 1}/{len(specs)} tensors", end="", file=sys.stderr, flush=True)
         if progress:
             print(file=sys.stderr)
         writer.close()
+        if sidecar:
+            _write_sidecar(side_tmp, tmp, out.name, p, sidecar, lo_specs, pools, expert_rows, progress)
     return out
+
+
+def _write_sidecar(
+    path: Path,
+    main: Path,
+    main_name: str,
+    p: Preset,
+    lo_type: str,
+    lo_specs: list[TensorSpec],
+    pools: RowPools,
+    expert_rows: dict[str, np.ndarray],
+    progress: bool,
+) -> None:
+    from pymoe import sidecar as sc
+    from pymoe.convert.pipeline import _sidecar_writer
+
+    meta = {
+        f"{p.arch}.block_count": p.n_layer,
+        f"{p.arch}.expert_count": p.n_expert,
+        f"{p.arch}.expert_used_count": p.n_expert_used,
+    }
+    writer = _sidecar_writer(p.arch, meta, lo_type, p.n_expert, sc.fingerprint(main), main_name)
+    _add_tensor_infos(writer, lo_specs)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for i, t in enumerate(lo_specs):
+        main_type = p.expert_type
+        data = pools.fill(replace(t, type=main_type), expert_rows[t.name], low_type=t.type)
+        assert data.nbytes == t.nbytes(), t.name
+        writer.write_tensor_data(data)
+        if progress:
+            print(f"\r  sidecar {i + 1}/{len(lo_specs)} tensors", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    writer.close()
 
 
 # --------------------------------------------------------------------- command line
@@ -395,6 +508,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "the Mixtral-8x7B decode trace's (second weight below 0.05/0.1/0.2 for 6/14/32%% of tokens; the trace:\n"
         "4/11/31%%)",
     )
+    ap.add_argument(
+        "--sidecar",
+        metavar="TYPE",
+        help="also write OUT.lo.gguf, a low-precision expert sidecar (e.g. q2_K, q3_K) bound to the model as\n"
+        "`pymoe convert` binds one: the same rows as the model's experts, quantised to TYPE",
+    )
     ap.add_argument("--threads", type=int, default=0, help="quantiser threads (0: all)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
     ap.add_argument("--dry-run", action="store_true", help="print the shapes and sizes, write nothing")
@@ -415,15 +534,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.outfile) if args.outfile else default_output(args.preset, p)
     print(describe(args.preset, p))
+    need = sizes(p).total
+    if args.sidecar:
+        try:
+            need += sum(t.nbytes() for t in sidecar_specs(p, args.sidecar))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"sidecar {args.sidecar}: {format_bytes(need - sizes(p).total)}")
     if args.dry_run:
-        print(f"would write {sizes(p).total} bytes to {out}")
+        print(f"would write {need} bytes to {out}" + (f" and {default_sidecar_path(out)}" if args.sidecar else ""))
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     st = os.statvfs(out.parent)
-    if sizes(p).total > st.f_bavail * st.f_frsize:
+    if need > st.f_bavail * st.f_frsize:
         print(
             f"error: {out.parent} has {format_bytes(st.f_bavail * st.f_frsize)} free, "
-            f"the model needs {format_bytes(sizes(p).total)}; "
+            f"{'the model and its sidecar need' if args.sidecar else 'the model needs'} {format_bytes(need)}; "
             "hint: pass -o on a larger disk, or use a scaled-down preset",
             file=sys.stderr,
         )
@@ -440,13 +567,19 @@ def main(argv: list[str] | None = None) -> int:
             n_threads=args.threads,
             progress=True,
             router_scale=args.router_scale,
+            sidecar=args.sidecar,
         )
     except (FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     dt = time.perf_counter() - t0
     size = out.stat().st_size
-    print(f"wrote {out} ({format_bytes(size)}) in {dt:.1f} s ({size / dt / 1e6:.0f} MB/s)")
+    written = [f"{out} ({format_bytes(size)})"]
+    if args.sidecar:
+        side = default_sidecar_path(out)
+        size += side.stat().st_size
+        written.append(f"{side} ({format_bytes(side.stat().st_size)})")
+    print(f"wrote {' and '.join(written)} in {dt:.1f} s ({size / dt / 1e6:.0f} MB/s)")
     return 0
 
 
