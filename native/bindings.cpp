@@ -230,6 +230,32 @@ PYBIND11_MODULE(_core, mod) {
         },
         py::arg("path"), py::arg("layer"), py::arg("expert"), py::arg("direct_io") = true,
         "Reads one expert as a slot load does: each projection's bytes (gate, up, down or gate_up, down).");
+    mod.def(
+        "stream_probe",
+        [](const std::string & path, const py::list & layers) {
+            std::vector<pymoe::stream_probe_layer> ls;
+            for (const auto & item : layers) {
+                const auto                t = item.cast<py::tuple>();
+                pymoe::stream_probe_layer l;
+                l.il      = t[0].cast<int32_t>();
+                l.experts = t[1].cast<std::vector<int32_t>>();
+                l.asks    = t[2].cast<std::vector<std::pair<int32_t, int32_t>>>();
+                ls.push_back(std::move(l));
+            }
+            std::pair<std::vector<std::string>, uint64_t> r;
+            {
+                py::gil_scoped_release release;
+                r = pymoe::stream_probe(path, ls);
+            }
+            py::list got;
+            for (const auto & b : r.first) {
+                got.append(py::bytes(b));
+            }
+            return py::make_tuple(got, r.second);
+        },
+        py::arg("path"), py::arg("layers"),
+        "Tests: the disk tier's stream over `path`; layers = [(layer, experts, [(projection, expert) asked in "
+        "order])]. Returns ([bytes handed over per ask, b'' where the mapping would serve], fallbacks).");
     mod.def("stream_ring_bytes", &pymoe::stream_ring_bytes, py::arg("path"),
             "Bytes of the disk tier's stream ring (the direct branch's read-ahead buffers) for this model.");
     mod.def("io_fault", &pymoe::io_fault_set, py::arg("kind"), py::arg("nth"), py::arg("count") = 1,

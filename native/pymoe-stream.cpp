@@ -372,4 +372,39 @@ uint64_t stream_ring_bytes(const std::string & path) {
     return (uint64_t) n * bytes;
 }
 
+std::pair<std::vector<std::string>, uint64_t> stream_probe(const std::string &                     path,
+                                                          const std::vector<stream_probe_layer> & layers) {
+    const gguf_moe_counts counts = gguf_read_moe_counts(gguf_read_info(path, 0));
+    expert_store          store(path, (int32_t) counts.n_layer, (int32_t) counts.n_expert, true, 1);
+    // stand-ins for llama.cpp's mapping: the stream only tells tensors apart by address
+    std::vector<std::vector<uint8_t>> mapped;
+    for (const auto & l : store.layers()) {
+        for (const auto & p : l.projs) {
+            mapped.emplace_back((size_t) (p.expert_bytes * (uint64_t) counts.n_expert));
+            store.set_host(l.il, p.kind, mapped.back().data());
+        }
+    }
+    std::vector<std::string> out;
+    uint64_t                 fallbacks = 0;
+    expert_stream            stream(store, 2, 0);  // the smallest ring: 3 buffers
+    for (const auto & pl : layers) {
+        const expert_layer * l = store.layer(pl.il);
+        if (!l) {
+            throw std::invalid_argument("stream_probe: layer " + std::to_string(pl.il) + " has no experts");
+        }
+        stream.begin_layer(pl.il, pl.experts);
+        for (const auto & [j, e] : pl.asks) {
+            if (j < 0 || j >= (int32_t) l->projs.size()) {
+                throw std::invalid_argument("stream_probe: no projection " + std::to_string(j));
+            }
+            const expert_proj & p = l->projs[(size_t) j];
+            const auto *        b = static_cast<const char *>(stream.acquire(p.host, e));
+            out.emplace_back(b ? std::string(b, p.expert_bytes) : std::string());
+            stream.release(p.host, e, 1);
+        }
+        fallbacks += stream.end_layer().fallbacks;
+    }
+    return { out, fallbacks };
+}
+
 }  // namespace pymoe

@@ -375,6 +375,19 @@ std::vector<std::string> expert_read(const std::string & path, int32_t il, int32
 // Bytes of the disk tier's stream ring for the model at `path` (what the engine allocates).
 uint64_t stream_ring_bytes(const std::string & path);
 
+// Tests of the stream's ordering: for each layer of `layers` in turn (one stream
+// throughout, as the engine keeps one), the stream is told the layer's experts,
+// then asked for (projection index, expert) pairs in the given order as the
+// CPU asks, and released. Returns what each ask got: the projection's bytes,
+// or "" where the CPU would compute from the mapping; and the fallbacks counted.
+struct stream_probe_layer {
+    int32_t                                   il = 0;
+    std::vector<int32_t>                      experts;
+    std::vector<std::pair<int32_t, int32_t>>  asks;
+};
+std::pair<std::vector<std::string>, uint64_t> stream_probe(const std::string & path,
+                                                          const std::vector<stream_probe_layer> & layers);
+
 //
 // devices
 //

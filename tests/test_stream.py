@@ -88,3 +88,26 @@ def test_a_failed_stream_read_falls_back_to_the_mapping(tiny, kind):
         s = m.offload_stats()
         assert s["stream_fallbacks"] > 0
         assert s["bytes_streamed"] < s["bytes_direct"]
+
+
+def test_the_stream_follows_the_cpus_order_and_learns_it(tiny):
+    """The stream alone (no model loaded): it reads what it is told in its order, hands over
+    exactly the file's bytes, drops what the CPU skipped (the CPU then computes it from the
+    mapping), and reads the next layer in the order the CPU asked for the last one."""
+    path = str(tiny.gguf("mixtral"))
+    want = {(il, e): _core.expert_read(path, il, e) for il in (0, 1) for e in (1, 3)}  # gate, up, down
+    in_order = [(j, e) for j in (0, 1, 2) for e in (1, 3)]
+    got, fallbacks = _core.stream_probe(path, [(0, [3, 1], in_order)])
+    assert got == [want[0, e][j] for j, e in in_order] and fallbacks == 0
+
+    up_first = [(j, e) for j in (1, 0, 2) for e in (1, 3)]  # the graph computes up before gate
+    got, fallbacks = _core.stream_probe(path, [(0, [1, 3], up_first), (1, [1, 3], up_first)])
+    layer0, layer1 = got[:6], got[6:]
+    assert layer0[:2] == [want[0, 1][1], want[0, 3][1]]  # up: streamed
+    assert layer0[2:4] == [b"", b""]  # gate was read ahead, then dropped: the mapping serves it
+    assert layer0[4:] == [want[0, 1][2], want[0, 3][2]]
+    assert layer1 == [want[1, e][j] for j, e in up_first]  # learned: nothing dropped
+    assert fallbacks == 2
+
+    got, fallbacks = _core.stream_probe(path, [(0, [1], [(0, 1), (0, 2)])])  # expert 2 was not named
+    assert got == [want[0, 1][0], b""] and fallbacks == 1
