@@ -184,6 +184,12 @@ expert_store::expert_store(const std::string & path, int32_t n_layer, int32_t n_
     }
 }
 
+expert_store::expert_store(const std::string & path, bool direct_io)
+    : expert_store(path, gguf_read_moe_counts(gguf_read_info(path, 0)), direct_io) {}
+
+expert_store::expert_store(const std::string & path, const gguf_moe_counts & counts, bool direct_io)
+    : expert_store(path, (int32_t) counts.n_layer, (int32_t) counts.n_expert, direct_io, 1) {}
+
 expert_store::~expert_store() = default;
 
 const expert_layer * expert_store::layer(int32_t il) const {
@@ -365,11 +371,9 @@ double expert_store::measure_read_bandwidth(uint64_t max_bytes) {
 }
 
 std::vector<std::string> expert_read(const std::string & path, int32_t il, int32_t e, bool direct_io) {
-    const gguf_moe_counts counts   = gguf_read_moe_counts(gguf_read_info(path, 0));
-    const int64_t         n_layer  = counts.n_layer;
-    const int64_t         n_expert = counts.n_expert;
-    expert_store         store(path, (int32_t) n_layer, (int32_t) n_expert, direct_io, 1);
-    const expert_layer * l = store.layer(il);
+    expert_store         store(path, direct_io);
+    const int32_t        n_expert = store.n_expert();
+    const expert_layer * l        = store.layer(il);
     if (!l || e < 0 || e >= n_expert) {
         throw std::invalid_argument("'" + path + "' has no expert " + std::to_string(e) + " in layer " +
                                     std::to_string(il) + "; hint: " + std::to_string(n_expert) +

@@ -94,6 +94,8 @@ class expert_store {
     // from_host: slot loads copy from llama.cpp's host tensors instead of reading the file.
     expert_store(const std::string & path, int32_t n_layer, int32_t n_expert, bool direct_io, int io_threads,
                  bool from_host = false);
+    // The same, its layer and expert counts read from the file, one io thread (tools and tests).
+    expert_store(const std::string & path, bool direct_io);
     ~expert_store();
 
     const std::string & path() const { return path_; }
@@ -141,6 +143,7 @@ class expert_store {
     bool from_host() const { return from_host_; }
 
   private:
+    expert_store(const std::string & path, const gguf_moe_counts & counts, bool direct_io);
     void read_range(uint64_t file_offset, uint64_t size, const read_dst & dst, uint8_t * bounce);
 
     std::string               path_;

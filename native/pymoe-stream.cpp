@@ -137,14 +137,14 @@ void expert_stream::begin_layer(int32_t il, const std::vector<int32_t> & experts
             order_.push_back(j);
         }
     }
-    std::vector<int32_t> sorted(experts);
-    std::sort(sorted.begin(), sorted.end());
-    sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+    sorted_.assign(experts.begin(), experts.end());
+    std::sort(sorted_.begin(), sorted_.end());
+    sorted_.erase(std::unique(sorted_.begin(), sorted_.end()), sorted_.end());
     const int32_t n_expert = store_.n_expert();
     index_.assign((size_t) n_proj * (size_t) n_expert, -1);
     items_.clear();
     for (int32_t j : order_) {
-        for (int32_t e : sorted) {
+        for (int32_t e : sorted_) {
             if (e < 0 || e >= n_expert) {
                 continue;
             }
@@ -197,9 +197,12 @@ expert_stream::layer_result expert_stream::finish_locked(std::unique_lock<std::m
     return r;
 }
 
-int expert_stream::find_item(const void * data, int64_t e) const {
+int expert_stream::find_item(const void * data, int64_t e, int32_t * proj) const {
     for (size_t j = 0; j < proj_data_.size(); ++j) {
         if (proj_data_[j] == data) {
+            if (proj) {
+                *proj = (int32_t) j;
+            }
             if (e < 0 || e >= store_.n_expert()) {
                 return -1;
             }
@@ -239,14 +242,13 @@ const void * expert_stream::acquire(const void * data, int64_t e) {
     if (il_ < 0) {
         return nullptr;
     }
-    const int idx = find_item(data, e);
+    int32_t   proj = -1;
+    const int idx  = find_item(data, e, &proj);
     if (idx == -2) {
         return nullptr;
     }
-    for (size_t j = 0; j < proj_data_.size(); ++j) {
-        if (proj_data_[j] == data && std::find(seen_.begin(), seen_.end(), (int32_t) j) == seen_.end()) {
-            seen_.push_back((int32_t) j);
-        }
+    if (std::find(seen_.begin(), seen_.end(), proj) == seen_.end()) {
+        seen_.push_back(proj);  // the CPU's order of the projections
     }
     if (idx < 0) {
         ++result_.fallbacks;  // an expert the engine did not name: the mapping has it
@@ -366,21 +368,19 @@ void expert_stream::reader_loop() {
 }
 
 uint64_t stream_ring_bytes(const std::string & path) {
-    const gguf_moe_counts counts = gguf_read_moe_counts(gguf_read_info(path, 0));
-    const expert_store    store(path, (int32_t) counts.n_layer, (int32_t) counts.n_expert, false, 1);
-    const auto [n, bytes]        = expert_stream::ring_layout(store, k_stream_ring_bytes);
+    const expert_store store(path, false);
+    const auto [n, bytes] = expert_stream::ring_layout(store, k_stream_ring_bytes);
     return (uint64_t) n * bytes;
 }
 
 std::pair<std::vector<std::string>, uint64_t> stream_probe(const std::string &                     path,
                                                           const std::vector<stream_probe_layer> & layers) {
-    const gguf_moe_counts counts = gguf_read_moe_counts(gguf_read_info(path, 0));
-    expert_store          store(path, (int32_t) counts.n_layer, (int32_t) counts.n_expert, true, 1);
+    expert_store store(path, true);
     // stand-ins for llama.cpp's mapping: the stream only tells tensors apart by address
     std::vector<std::vector<uint8_t>> mapped;
     for (const auto & l : store.layers()) {
         for (const auto & p : l.projs) {
-            mapped.emplace_back((size_t) (p.expert_bytes * (uint64_t) counts.n_expert));
+            mapped.emplace_back((size_t) (p.expert_bytes * (uint64_t) store.n_expert()));
             store.set_host(l.il, p.kind, mapped.back().data());
         }
     }

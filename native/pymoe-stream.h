@@ -89,7 +89,8 @@ class expert_stream {
     bool next_piece(size_t & it, uint64_t & off, uint64_t & len, uint8_t *& dst);
     void free_buffer(item & it);        // under mutex_
     void drop(size_t from, size_t to);  // under mutex_: items [from, to) not acquired are not read
-    int  find_item(const void * data, int64_t e) const;  // under mutex_: index into items_, or -1
+    // under mutex_: index into items_, -1 for an expert not named, -2 for another tensor; `proj` its projection
+    int  find_item(const void * data, int64_t e, int32_t * proj = nullptr) const;
     layer_result finish_locked(std::unique_lock<std::mutex> & lock);  // end_layer's body
 
     expert_store &                  store_;
@@ -115,6 +116,7 @@ class expert_stream {
     layer_result                    result_;
     std::vector<int32_t>            order_;       // projections in the order the CPU computes them (learned)
     std::vector<int32_t>            seen_;        // this layer's projections, in the order asked for
+    std::vector<int32_t>            sorted_;      // scratch of begin_layer
 };
 
 }  // namespace pymoe
